@@ -1,0 +1,405 @@
+"""
+GPT-2 written out by hand, for Reflect-RL.
+
+- Module and parameter names are Hugging Face's GPT2LMHeadModel names (transformer.wte,
+  transformer.h.N.attn.c_attn, ...), so loading a pretrained GPT-2 is a name-for-name copy and the
+  merged model exports back to a directory that `transformers` loads.
+- LoRA is a subclass of nn.Linear (frozen weight, trainable lora_A / lora_B, B = 0 at init, scale
+  alpha / r). `lora_targets` names the GPT-2 matrices that get adapters: any of c_attn (the fused
+  q,k,v projection), attn.c_proj, c_fc, mlp.c_proj; the default is all four.
+- `score_actions` is the paper's single-prompt action enumeration: the log-probs of every
+  admissible action's label token from ONE forward pass, plus the value head on the same state.
+- `generate` samples a batch of left-padded prompts with a KV cache.
+- Tokenizers are `tokenizers.Tokenizer` objects: a byte-level BPE trained on our own corpus for
+  `scratch`, or GPT-2's own for pretrained models.
+"""
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EOS = "<|endoftext|>"  # GPT-2's end-of-text token; the scratch BPE uses the same string
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 512
+    vocab_size: int = 2048
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    lora_r: int = 0  # 0: plain linear layers, every weight trainable
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
+
+
+class LoRALinear(nn.Linear):
+    """y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with W frozen when r > 0."""
+
+    def __init__(self, in_features, out_features, r=0, alpha=1.0, dropout=0.0):
+        super().__init__(in_features, out_features)
+        self.r, self.scale, self.merged, self.enabled = r, (alpha / r if r > 0 else 0.0), False, True
+        if r > 0:
+            self.lora_A = nn.Parameter(torch.empty(r, in_features))
+            self.lora_B = nn.Parameter(torch.zeros(out_features, r))  # B = 0: identity at init
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.lora_dropout = nn.Dropout(dropout)
+            self.weight.requires_grad_(False)
+
+    def delta(self):
+        return (self.lora_B @ self.lora_A) * self.scale  # (out, in)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.r > 0 and self.enabled and not self.merged:
+            y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
+        return y
+
+    def merge(self):
+        if self.r > 0 and not self.merged:
+            self.weight.data += self.delta()
+            self.merged = True
+
+    def unmerge(self):
+        if self.r > 0 and self.merged:
+            self.weight.data -= self.delta()
+            self.merged = False
+
+
+def _linear(cfg, name, n_in, n_out):
+    r = cfg.lora_r if name in cfg.lora_targets.split(",") else 0
+    return LoRALinear(n_in, n_out, r, cfg.lora_alpha, cfg.lora_dropout)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = _linear(cfg, "attn.c_attn", cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = _linear(cfg, "attn.c_proj", cfg.n_embd, cfg.n_embd)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask, past):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, nh, S, hs)
+        # mask None: plain causal attention (no padding on the left, no cache), the fast kernel
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = _linear(cfg, "mlp.c_fc", cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = _linear(cfg, "mlp.c_proj", 4 * cfg.n_embd, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's gelu_new
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
+
+    def forward(self, x, mask, past):
+        a, present = self.attn(self.ln_1(x), mask, past)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), present
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=nn.LayerNorm(cfg.n_embd),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.value_head = nn.Linear(cfg.n_embd, 1)  # PPO critic on the last hidden state
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        nn.init.zeros_(self.value_head.weight)
+        if cfg.lora_r > 0:  # LoRA: only adapters and the value head train
+            for name, p in self.named_parameters():
+                p.requires_grad_("lora_" in name or name.startswith("value_head"))
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def hidden(self, idx, attn_mask=None, past=None):
+        """idx (B, T) token ids; attn_mask (B, S) 1 = real token over the past and the new tokens
+        (needed only with left padding); past: per-layer (k, v) from an earlier call.
+        Returns the final hidden states (B, T, C) after ln_f, and the new per-layer (k, v)."""
+        B, T = idx.shape
+        S = T + (past[0][0].shape[2] if past is not None else 0)
+        if S > self.config.block_size:
+            raise ValueError(f"sequence of {S} tokens exceeds block_size {self.config.block_size}")
+        mask = None
+        if attn_mask is not None:
+            pos = (attn_mask.long().cumsum(-1) - 1).clamp(min=0)[:, S - T:]  # padding does not move positions
+            causal = torch.ones(T, S, dtype=torch.bool, device=idx.device).tril(S - T)
+            mask = causal & attn_mask.bool()[:, None, :]  # (B, T, S)
+            mask |= torch.arange(S, device=idx.device) == torch.arange(S - T, S, device=idx.device)[:, None]
+            # ^ every token attends itself, so a left pad's row is never empty (that would give NaN)
+            mask = mask[:, None]  # (B, 1, T, S)
+        else:
+            pos = torch.arange(S - T, S, device=idx.device)[None]
+            if past is not None:
+                mask = torch.ones(T, S, dtype=torch.bool, device=idx.device).tril(S - T)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        presents = []
+        for i, block in enumerate(self.transformer.h):
+            x, kv = block(x, mask, past[i] if past is not None else None)
+            presents.append(kv)
+        return self.transformer.ln_f(x), presents
+
+    def forward(self, idx, attn_mask=None):
+        return self.lm_head(self.hidden(idx, attn_mask)[0])  # (B, T, vocab)
+
+    def score_actions(self, idx, lengths, label_ids, action_mask):
+        """Single-prompt action enumeration. idx (B, T) right-padded prompts that end right before
+        the action label; lengths (B,) real lengths; label_ids (B, A) label token of each action;
+        action_mask (B, A) True where the action is admissible.
+        Returns log-probs (B, A) over the admissible actions (-inf elsewhere) and values (B,)."""
+        h, _ = self.hidden(idx)  # right padding never reaches real tokens under causal attention
+        last = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]  # (B, C)
+        # the "shrunk LM head": only the label rows of the tied embedding, not the whole vocabulary
+        logits = torch.einsum("bc,bac->ba", last, self.transformer.wte.weight[label_ids])  # (B, A)
+        logits = logits.masked_fill(~action_mask, float("-inf"))
+        return F.log_softmax(logits.float(), dim=-1), self.value_head(last).squeeze(-1).float()
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop=(),
+                 tokenizer=None, generator=None, use_cache=True):
+        """Sample continuations of a batch of token-id lists of different lengths (left-padded here).
+        temperature 0 is greedy. `stop` holds token ids and/or strings (strings need `tokenizer`);
+        a row ends at its first stop, which is not returned. Returns a list of new-token lists."""
+        device = self.transformer.wte.weight.device
+        B, T0 = len(prompts), max(len(p) for p in prompts)
+        idx = torch.zeros(B, T0, dtype=torch.long, device=device)
+        attn = torch.zeros(B, T0, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            idx[i, T0 - len(p):], attn[i, T0 - len(p):] = torch.tensor(p, device=device), 1
+        stop_ids = {s for s in stop if isinstance(s, int)}
+        stop_strs = [s for s in stop if isinstance(s, str)]
+        out, done = [[] for _ in range(B)], [False] * B
+        past, step_in = None, idx
+        for _ in range(max_new_tokens):
+            if use_cache:
+                h, past = self.hidden(step_in, attn, past)
+            else:
+                h, _ = self.hidden(idx, attn)
+            logits = self.lm_head(h[:, -1]).float()  # (B, vocab)
+            nxt = self._sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            for i, t in enumerate(nxt.tolist()):
+                if done[i]:
+                    continue
+                if t in stop_ids:
+                    done[i] = True
+                    continue
+                out[i].append(t)
+                if stop_strs:
+                    text = tokenizer.decode(out[i])
+                    cut = min((text.find(s) for s in stop_strs if s in text), default=-1)
+                    if cut >= 0:
+                        done[i] = True
+                        while out[i] and len(tokenizer.decode(out[i])) > cut:
+                            out[i].pop()
+            if all(done):
+                break
+            step_in = nxt[:, None]
+            idx = torch.cat([idx, step_in], dim=1)
+            attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
+        return out
+
+    @staticmethod
+    def _sample(logits, temperature, top_k, top_p, generator):
+        if temperature == 0:
+            return logits.argmax(-1)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+    # ---------------------------------------------------------------- LoRA switches and state
+    def lora_layers(self):
+        return [m for m in self.modules() if isinstance(m, LoRALinear) and m.r > 0]
+
+    @contextmanager
+    def adapters_disabled(self):
+        """The base model, i.e. the reference policy for a KL term, without a second copy."""
+        layers = self.lora_layers()
+        if any(m.merged for m in layers):
+            raise RuntimeError("unmerge the LoRA adapters before disabling them")
+        for m in layers:
+            m.enabled = False
+        try:
+            yield self
+        finally:
+            for m in layers:
+                m.enabled = True
+
+    def adapter_state_dict(self):
+        """What a run on a public base must save: adapters and the value head."""
+        return {k: v for k, v in self.state_dict().items() if "lora_" in k or k.startswith("value_head")}
+
+    def load_adapter_state_dict(self, sd):
+        missing = set(self.adapter_state_dict()) - set(sd)
+        unexpected = set(sd) - set(self.adapter_state_dict())
+        if missing or unexpected:
+            raise ValueError(f"adapter state does not fit this model: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]} (was lora_r or lora_targets changed?)")
+        try:
+            self.load_state_dict(sd, strict=False)
+        except RuntimeError as e:
+            raise ValueError(f"adapter shapes do not fit this model (was lora_r changed?): {str(e).splitlines()[-1].strip()}") from e
+
+    # ---------------------------------------------------------------- Hugging Face import / export
+    TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, **overrides):
+        """'gpt2' ... 'gpt2-xl' or a local Hugging Face directory; overrides: dropout, lora_*."""
+        from transformers import GPT2LMHeadModel  # lazy: only this path needs transformers
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        c = hf.config
+        model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                              n_head=c.n_head, n_embd=c.n_embd, **overrides))
+        sd, sd_hf = model.state_dict(), hf.state_dict()
+        ours = {k for k in sd if "lora_" not in k and not k.startswith("value_head")}
+        theirs = {k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        if ours != theirs:
+            raise ValueError(f"{name_or_dir} is not a GPT-2 checkpoint: keys differ, e.g. {sorted(ours ^ theirs)[:3]}")
+        with torch.no_grad():
+            for k in theirs:  # HF stores these as Conv1D (in, out); nn.Linear wants (out, in)
+                src = sd_hf[k].t() if k.endswith(cls.TRANSPOSED) else sd_hf[k]
+                if src.shape != sd[k].shape:
+                    raise ValueError(f"{k}: checkpoint shape {tuple(src.shape)}, model {tuple(sd[k].shape)}")
+                sd[k].copy_(src)
+        return model
+
+    def export_hf(self, out_dir, tokenizer):
+        """Write the model with LoRA merged, and its tokenizer, as a transformers GPT-2 directory."""
+        from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+        c = self.config
+        eos = tokenizer.token_to_id(EOS)
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                                        n_layer=c.n_layer, n_head=c.n_head, bos_token_id=eos, eos_token_id=eos))
+        merged = {n + ".weight": m.weight + (m.delta() if m.r > 0 and not m.merged else 0)
+                  for n, m in self.named_modules() if isinstance(m, LoRALinear)}
+        sd = {k: merged.get(k, v) for k, v in self.state_dict().items()
+              if "lora_" not in k and not k.startswith("value_head")}
+        with torch.no_grad():
+            for k, v in hf.state_dict().items():
+                if k in sd:
+                    v.copy_(sd[k].t() if k.endswith(self.TRANSPOSED) else sd[k])
+        hf.save_pretrained(out_dir)
+        PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS).save_pretrained(out_dir)
+
+
+# -------------------------------------------------------------------- tokenizers
+def train_tokenizer(texts, vocab_size, labels):
+    """Byte-level BPE trained on `texts` (an iterable of strings), for models trained from scratch."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    label_token_ids(tok, labels)
+    return tok
+
+
+def pretrained_tokenizer(name_or_dir):
+    """GPT-2's own tokenizer (from the hub name or a local HF directory) as a tokenizers.Tokenizer."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(name_or_dir).backend_tokenizer
+
+
+def label_token_ids(tok, labels):
+    """The token id of each action label; every label must be exactly one token."""
+    ids = []
+    for label in labels:
+        enc = tok.encode(label, add_special_tokens=False).ids
+        if len(enc) != 1:
+            raise ValueError(f"action label {label!r} is {len(enc)} tokens in this tokenizer; labels must be single tokens")
+        ids.append(enc[0])
+    return ids
+
+
+# -------------------------------------------------------------------- device and checkpoints
+def pick_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def save_checkpoint(out_dir, model, tokenizer, init_from, **extra):
+    """Atomic: write to a temporary file, then rename over ckpt.pt. Only adapters are stored when the
+    base is a pretrained GPT-2 that can be loaded again (a hub name or a directory)."""
+    os.makedirs(out_dir, exist_ok=True)
+    adapters_only = init_from != "scratch" and model.config.lora_r > 0
+    ckpt = dict(model_args=asdict(model.config), init_from=init_from, adapters_only=adapters_only,
+                model=model.adapter_state_dict() if adapters_only else model.state_dict(), **extra)
+    tmp = os.path.join(out_dir, "ckpt.pt.tmp")
+    torch.save(ckpt, tmp)
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json.tmp"))
+    os.replace(os.path.join(out_dir, "tokenizer.json.tmp"), os.path.join(out_dir, "tokenizer.json"))
+    os.replace(tmp, os.path.join(out_dir, "ckpt.pt"))
+
+
+def load_checkpoint(out_dir, device="cpu", **overrides):
+    """Returns (model, tokenizer, checkpoint dict). overrides: config fields such as dropout."""
+    from tokenizers import Tokenizer
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first (python sft.py) or fix the path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        args = {**ckpt["model_args"], **overrides}
+        if ckpt["adapters_only"]:
+            base = {k: v for k, v in args.items() if k.startswith("lora_") or k == "dropout"}
+            model = GPT.from_pretrained(ckpt["init_from"], **base)
+            model.load_adapter_state_dict(ckpt["model"])
+        else:
+            model = GPT(GPTConfig(**args))
+            model.load_state_dict(ckpt["model"])
+        tok = Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json"))
+    except Exception as e:  # any failure to read it means the file is not a usable checkpoint
+        raise ValueError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from e
+    return model.to(device), tok, ckpt
