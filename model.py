@@ -85,17 +85,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = _linear(cfg, "attn.c_proj", cfg.n_embd, cfg.n_embd)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, past):
+    def forward(self, x, mask, cache, start):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, nh, S, hs)
+        if cache is not None:  # preallocated (B, nh, S_max, hs) buffers: write in place, read the prefix
+            cache[0][:, :, start:start + T], cache[1][:, :, start:start + T] = k, v
+            k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
         # mask None: plain causal attention (no padding on the left, no cache), the fast kernel
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y)), (k, v)
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -115,10 +116,9 @@ class Block(nn.Module):
         self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), CausalSelfAttention(cfg)
         self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
 
-    def forward(self, x, mask, past):
-        a, present = self.attn(self.ln_1(x), mask, past)
-        x = x + a
-        return x + self.mlp(self.ln_2(x)), present
+    def forward(self, x, mask, cache, start):
+        x = x + self.attn(self.ln_1(x), mask, cache, start)
+        return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
@@ -152,42 +152,45 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def hidden(self, idx, attn_mask=None, past=None):
-        """idx (B, T) token ids; attn_mask (B, S) 1 = real token over the past and the new tokens
-        (needed only with left padding); past: per-layer (k, v) from an earlier call.
-        Returns the final hidden states (B, T, C) after ln_f, and the new per-layer (k, v)."""
+    def hidden(self, idx, attn_mask=None, cache=None, start=0):
+        """idx (B, T) token ids at positions start .. start+T-1 of the sequence; attn_mask (B, start+T)
+        1 = real token (needed only with left padding); cache: per-layer (k, v) buffers from
+        `new_cache`, holding the first `start` positions. Returns the hidden states after ln_f (B, T, C)."""
         B, T = idx.shape
-        S = T + (past[0][0].shape[2] if past is not None else 0)
+        S = start + T
         if S > self.config.block_size:
             raise ValueError(f"sequence of {S} tokens exceeds block_size {self.config.block_size}")
         mask = None
         if attn_mask is not None:
-            pos = (attn_mask.long().cumsum(-1) - 1).clamp(min=0)[:, S - T:]  # padding does not move positions
-            causal = torch.ones(T, S, dtype=torch.bool, device=idx.device).tril(S - T)
+            pos = (attn_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # padding does not move positions
+            causal = torch.ones(T, S, dtype=torch.bool, device=idx.device).tril(start)
             mask = causal & attn_mask.bool()[:, None, :]  # (B, T, S)
-            mask |= torch.arange(S, device=idx.device) == torch.arange(S - T, S, device=idx.device)[:, None]
+            mask |= torch.arange(S, device=idx.device) == torch.arange(start, S, device=idx.device)[:, None]
             # ^ every token attends itself, so a left pad's row is never empty (that would give NaN)
             mask = mask[:, None]  # (B, 1, T, S)
         else:
-            pos = torch.arange(S - T, S, device=idx.device)[None]
-            if past is not None:
-                mask = torch.ones(T, S, dtype=torch.bool, device=idx.device).tril(S - T)
+            pos = torch.arange(start, S, device=idx.device)[None]
+            if start > 0:
+                mask = torch.ones(T, S, dtype=torch.bool, device=idx.device).tril(start)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        presents = []
         for i, block in enumerate(self.transformer.h):
-            x, kv = block(x, mask, past[i] if past is not None else None)
-            presents.append(kv)
-        return self.transformer.ln_f(x), presents
+            x = block(x, mask, cache[i] if cache is not None else None, start)
+        return self.transformer.ln_f(x)
+
+    def new_cache(self, batch_size, length):
+        c, w = self.config, self.transformer.wte.weight
+        shape = (batch_size, c.n_head, length, c.n_embd // c.n_head)
+        return [(w.new_zeros(shape), w.new_zeros(shape)) for _ in range(c.n_layer)]
 
     def forward(self, idx, attn_mask=None):
-        return self.lm_head(self.hidden(idx, attn_mask)[0])  # (B, T, vocab)
+        return self.lm_head(self.hidden(idx, attn_mask))  # (B, T, vocab)
 
     def score_actions(self, idx, lengths, label_ids, action_mask):
         """Single-prompt action enumeration. idx (B, T) right-padded prompts that end right before
         the action label; lengths (B,) real lengths; label_ids (B, A) label token of each action;
         action_mask (B, A) True where the action is admissible.
         Returns log-probs (B, A) over the admissible actions (-inf elsewhere) and values (B,)."""
-        h, _ = self.hidden(idx)  # right padding never reaches real tokens under causal attention
+        h = self.hidden(idx)  # right padding never reaches real tokens under causal attention
         last = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]  # (B, C)
         # the "shrunk LM head": only the label rows of the tied embedding, not the whole vocabulary
         logits = torch.einsum("bc,bac->ba", last, self.transformer.wte.weight[label_ids])  # (B, A)
@@ -209,12 +212,14 @@ class GPT(nn.Module):
         stop_ids = {s for s in stop if isinstance(s, int)}
         stop_strs = [s for s in stop if isinstance(s, str)]
         out, done = [[] for _ in range(B)], [False] * B
-        past, step_in = None, idx
+        cache = self.new_cache(B, T0 + max_new_tokens) if use_cache else None
+        step_in, start = idx, 0
         for _ in range(max_new_tokens):
             if use_cache:
-                h, past = self.hidden(step_in, attn, past)
+                h = self.hidden(step_in, attn, cache, start)
+                start += step_in.shape[1]
             else:
-                h, _ = self.hidden(idx, attn)
+                h = self.hidden(idx, attn)
             logits = self.lm_head(h[:, -1]).float()  # (B, vocab)
             nxt = self._sample(logits, temperature, top_k, top_p, generator)  # (B,)
             for i, t in enumerate(nxt.tolist()):
