@@ -1,0 +1,285 @@
+"""
+Evaluation: checkpoints and the random and oracle baselines on the held-out test tasks of every
+curriculum stage, as the paper's table (success rate with a 95% Wilson interval, mean return,
+dangerous-termination rate, mean steps), printed as Markdown and written to {out_dir}/eval.json.
+
+    python eval.py                                  # the standard comparison, whatever is trained
+    python eval.py --methods="mine=out/taxi/rl+out/taxi/sft_reflection" --stages=full --greedy
+    python eval.py --plot                           # also learning curves of the RL runs -> curves.png
+
+A method is `name=policy_dir` (the policy reads the observation alone) or
+`name=policy_dir+reflection_dir` (a frozen reflection model writes an analysis first, as in
+Reflect-RL). Episode k of a stage starts from test task k % len(tasks) with seed k, so every method
+meets the same tasks in the same order.
+"""
+import glob
+import json
+import math
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from envs import ENVS, LABELS, analyze_prompt, make_env, policy_prompt
+from model import EOS, label_token_ids, load_checkpoint, pick_device
+
+# ----------------------------------------------------------------------------- config
+env = "taxi"  # environment to evaluate on (see envs.ENVS)
+out_dir = ""  # "" means out/{env}; the standard methods are looked for here, eval.json goes here
+episodes = 500  # per stage and method, cycling through the test tasks
+stages = ""  # "" means every curriculum stage of the env, else a comma list
+methods = ""  # comma list of name=policy_dir[+reflection_dir]; "" means the standard comparison
+batch_size = 64  # episodes run side by side: one generate and one score_actions call per step
+greedy = False  # False: sample the action from the policy, as PPO trains it; True: argmax
+reflection_temperature = 0.7
+reflection_max_tokens = 96
+seed = 0  # seeds torch, random, numpy and the sampling generator
+device = ""  # "" picks cuda, then mps, then cpu
+plot = False  # also draw success vs env steps of every RL run in {out_dir}/*/log.jsonl
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+
+# the paper's comparison: (name, policy dir, reflection dir or None), relative to out_dir
+STANDARD = (("SFT", "sft_policy", "sft_reflection"),
+            ("SFT (no reflection)", "sft_plain", None),
+            ("SFT+RL (no reflection)", "rl_plain", None),
+            ("Reflect-RL", "rl", "sft_reflection"),
+            ("Reflect-RL (no negatives)", "rl_pos", "sft_reflection_pos"))
+
+
+def parse_args(argv):
+    """--key=value overrides of the defaults above, type-checked; --flag alone means True."""
+    for arg in argv:
+        key, eq, val = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in config_keys:
+            raise SystemExit(f"error: unknown option {arg} (known: {', '.join('--' + k for k in config_keys)})")
+        old = globals()[key]
+        try:
+            if isinstance(old, bool):
+                val = {"true": True, "1": True, "false": False, "0": False}[val.lower() if eq else "true"]
+            else:
+                val = type(old)(val)
+        except (KeyError, ValueError):
+            raise SystemExit(f"error: --{key} wants a {type(old).__name__}, got {val!r}")
+        globals()[key] = val
+
+
+def wilson(successes, n, z=1.959964):
+    """95% Wilson score interval of a binomial proportion; unlike p +- z*se it stays inside [0, 1]
+    and is not empty at 0 or n successes."""
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # at 0 or n successes the bound is exactly 0 or 1; floating point would leave ~1e-17 either side
+    return (0.0 if successes == 0 else center - half), (1.0 if successes == n else center + half)
+
+
+def method_specs():
+    """(name, policy_dir, reflection_dir or None) of each method to load. Standard methods that are
+    not trained yet are skipped with a note; a method named on the command line must load."""
+    if not methods:
+        specs = []
+        for name, pol, refl in STANDARD:
+            dirs = [os.path.join(out_dir, d) for d in (pol, refl) if d]
+            missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "ckpt.pt"))]
+            if missing:
+                print(f"skipping {name}: no checkpoint at {os.path.join(missing[0], 'ckpt.pt')}")
+            else:
+                specs.append((name, dirs[0], dirs[1] if refl else None))
+        return specs
+    specs = []
+    for item in methods.split(","):
+        name, eq, dirs = item.partition("=")
+        pol, _, refl = dirs.partition("+")
+        if not (eq and name.strip() and pol):
+            raise SystemExit(f"error: --methods wants name=policy_dir[+reflection_dir], got {item!r}")
+        specs.append((name.strip(), pol, refl or None))
+    return specs
+
+
+def load_agent(name, policy_dir, reflection_dir, cache):
+    """A method as a dict: the policy (model, tokenizer, label ids) and the reflection (model,
+    tokenizer) or None. Models are loaded once, however many methods share them."""
+    def load(path):
+        if path not in cache:
+            model, tok, _ = load_checkpoint(path, dev)
+            cache[path] = (model.eval(), tok)
+        return cache[path]
+
+    policy, tok = load(policy_dir)
+    labels = torch.tensor(label_token_ids(tok, LABELS), device=dev)  # start-up check: labels are one token
+    reflection = load(reflection_dir) if reflection_dir else None
+    if reflection and reflection[0].config.block_size <= reflection_max_tokens:
+        raise ValueError(f"{reflection_dir}: block_size {reflection[0].config.block_size} leaves no room "
+                         f"for a prompt before {reflection_max_tokens} reflection tokens")
+    return {"name": name, "kind": "model", "policy": (policy, tok, labels), "reflection": reflection}
+
+
+@torch.no_grad()
+def act(agent, batch, g):
+    """One action index for each env in `batch`, all of them live."""
+    if agent["kind"] == "random":
+        return [int(torch.randint(len(e.actions), (), generator=g, device=g.device)) for e in batch]
+    if agent["kind"] == "oracle":
+        return [e.oracle() for e in batch]
+    reflections = [None] * len(batch)  # None: the policy prompt has no analysis section
+    if agent["reflection"]:
+        model, tok = agent["reflection"]
+        room = model.config.block_size - reflection_max_tokens  # the new tokens need positions too
+        prompts = [tok.encode(analyze_prompt(e.observation), add_special_tokens=False).ids[-room:] for e in batch]
+        outs = model.generate(prompts, reflection_max_tokens, temperature=reflection_temperature,
+                              stop=[tok.token_to_id(EOS)], generator=g)
+        # an empty analysis stays a string: the prompt keeps the Analyze header the policy trained with
+        reflections = [tok.decode(ids).strip() for ids in outs]
+    model, tok, labels = agent["policy"]
+    prompts = [tok.encode(policy_prompt(e.observation, e.actions, r, LABELS), add_special_tokens=False).ids
+               [-model.config.block_size:] for e, r in zip(batch, reflections)]  # left-truncate: keep the question
+    B, T, A = len(batch), max(len(p) for p in prompts), max(len(e.actions) for e in batch)
+    idx = torch.zeros(B, T, dtype=torch.long)  # right padding: causal attention never lets it reach a real token
+    for i, p in enumerate(prompts):
+        idx[i, :len(p)] = torch.tensor(p)
+    lengths = torch.tensor([len(p) for p in prompts], device=dev)  # (B,)
+    label_ids = labels[:A].expand(B, A)  # (B, A): action j has label LABELS[j] in every prompt
+    action_mask = torch.arange(A, device=dev) < torch.tensor([len(e.actions) for e in batch], device=dev)[:, None]
+    logp, _ = model.score_actions(idx.to(dev), lengths, label_ids, action_mask)  # (B, A), -inf where masked
+    choice = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1, generator=g).squeeze(-1)
+    return choice.tolist()
+
+
+def run_episodes(agent, stage, tasks, g):
+    """Per-episode results of `episodes` episodes, `batch_size` at a time."""
+    results = []
+    bar = tqdm(total=episodes, desc=f"{agent['name']} / {stage}", leave=False)
+    for lo in range(0, episodes, batch_size):
+        ks = range(lo, min(lo + batch_size, episodes))
+        batch = [make_env(env, stage) for _ in ks]
+        for k, e in zip(ks, batch):
+            e.reset(tasks[k % len(tasks)], seed=k)
+        ret, steps, info = [0.0] * len(batch), [0] * len(batch), [None] * len(batch)
+        live = list(range(len(batch)))
+        while live:
+            ended = set()
+            for i, a in zip(live, act(agent, [batch[i] for i in live], g)):
+                r, done, info[i] = batch[i].step(a)
+                ret[i], steps[i] = ret[i] + r, steps[i] + 1
+                if done:
+                    ended.add(i)
+            live = [i for i in live if i not in ended]
+        results += [{"success": bool(info[i]["success"]), "return": ret[i], "dangerous": bool(info[i]["dangerous"]),
+                     "steps": steps[i]} for i in range(len(batch))]
+        bar.update(len(batch))
+    bar.close()
+    return results
+
+
+def summarize(name, results):
+    n = len(results)
+    wins = sum(r["success"] for r in results)
+    lo, hi = wilson(wins, n)
+    return {"method": name, "success": wins / n, "ci_low": lo, "ci_high": hi,
+            "return": sum(r["return"] for r in results) / n,
+            "dangerous": sum(r["dangerous"] for r in results) / n,
+            "steps": sum(r["steps"] for r in results) / n, "episodes": n}
+
+
+def markdown(rows):
+    lines = ["| method | success [95% CI] | return | dangerous | steps | episodes |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['success']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | "
+                     f"{r['return']:.3f} | {r['dangerous']:.3f} | {r['steps']:.2f} | {r['episodes']} |")
+    return "\n".join(lines)
+
+
+def plot_curves(directory):
+    """Success vs env steps (iterations where a log has none) of every RL run in directory/*/log.jsonl,
+    with the curriculum's stage changes marked; saved as directory/curves.png."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --plot needs matplotlib: pip install matplotlib")
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*", "log.jsonl"))):
+        records = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue  # the last line of a run that is still writing may be cut short
+                if isinstance(r, dict) and "iter" in r and "success" in r:  # RL iterations only
+                    records.append(r)
+        if records:
+            runs[os.path.basename(os.path.dirname(path))] = records
+    if not runs:
+        print(f"--plot: no RL log (records with 'iter' and 'success') in {directory}/*/log.jsonl, nothing to draw")
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, records in runs.items():
+        x = [r.get("env_steps", r["iter"]) for r in records]
+        (line,) = ax.plot(x, [r["success"] for r in records], label=name)
+        for prev, r, xi in zip(records, records[1:], x[1:]):
+            if r.get("stage") != prev.get("stage"):
+                ax.axvline(xi, color=line.get_color(), linestyle=":", alpha=0.7)
+                ax.text(xi, 0.02, f" {r.get('stage')}", rotation=90, color=line.get_color(), fontsize=8,
+                        transform=ax.get_xaxis_transform())
+    every_steps = all("env_steps" in r for records in runs.values() for r in records)
+    ax.set(xlabel="env steps" if every_steps else "env steps (iteration where not logged)",
+           ylabel="success rate", ylim=(-0.02, 1.02), title=f"{env}: RL learning curves")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = os.path.join(directory, "curves.png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])
+    if env not in ENVS:
+        raise SystemExit(f"error: unknown environment {env!r}: choose from {', '.join(ENVS)}")
+    all_stages = ENVS[env].stages
+    stage_list = stages.split(",") if stages else list(all_stages)
+    for s in stage_list:
+        if s not in all_stages:
+            raise SystemExit(f"error: unknown stage {s!r} for {env}: choose from {', '.join(all_stages)}")
+    if episodes < 1 or batch_size < 1 or reflection_max_tokens < 1:
+        raise SystemExit("error: --episodes, --batch_size and --reflection_max_tokens must be at least 1")
+    out_dir = out_dir or os.path.join("out", env)
+    dev = device or pick_device()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+    specs, cache = method_specs(), {}
+    try:
+        agents = [load_agent(*spec, cache) for spec in specs]
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    agents = [{"name": "Random", "kind": "random"}] + agents + [{"name": "Oracle", "kind": "oracle"}]
+    methods = ",".join(f"{n}={p}" + (f"+{r}" if r else "") for n, p, r in specs)  # saved resolved
+    report = {"env": env, "config": {k: globals()[k] for k in config_keys}, "stages": {}}
+    os.makedirs(out_dir, exist_ok=True)
+    for stage in stage_list:
+        tasks = make_env(env, stage).tasks("test")
+        if not tasks:
+            raise SystemExit(f"error: {env} / {stage} has no test tasks")
+        print(f"\n## {env} / {stage}: {len(tasks)} distinct test tasks, {episodes} episodes per method")
+        # a fresh generator per (method, stage): a method's numbers do not depend on what else runs
+        rows = [summarize(a["name"], run_episodes(a, stage, tasks, torch.Generator(device=dev).manual_seed(seed)))
+                for a in agents]
+        print(markdown(rows))
+        report["stages"][stage] = {"test_tasks": len(tasks), "results": rows}
+        path = os.path.join(out_dir, "eval.json")  # rewritten after every stage, atomically
+        with open(path + ".tmp", "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(path + ".tmp", path)
+    print(f"\nwrote {os.path.join(out_dir, 'eval.json')}")
+    if plot:
+        plot_curves(out_dir)

@@ -1,0 +1,281 @@
+"""
+Supervised fine-tuning (the warm-up of Reflect-RL): completion-only loss on the JSONL records
+that data_gen.py writes ({"prompt": ..., "completion": ...}).
+
+    python sft.py                                   # default data if missing, then reflection, policy, plain
+    python sft.py --negatives=False                 # the ablation: positive-only reflection and policy
+    python sft.py --role=policy --init_from=gpt2-xl --lora_r=16 --device=cuda
+    torchrun --nproc_per_node=4 sft.py ...          # data parallel (gloo on CPU, NCCL on GPU)
+
+Roles: `reflection` (prompt up to " # Analyze:" -> reflection), `policy` (prompt with reflection ->
+action label) and `plain` (prompt without reflection -> label, the no-reflection baseline).
+Each role trains its own model into {out_dir}/sft_{role}[_pos]/ (ckpt.pt, tokenizer.json, log.jsonl).
+"""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from envs import LABELS, ENVS
+from model import EOS, GPT, GPTConfig, label_token_ids, load_checkpoint, pick_device, pretrained_tokenizer, \
+    save_checkpoint, train_tokenizer
+
+# ----------------------------------------------------------------------------- config
+env = "taxi"  # environment whose data to train on (see envs.ENVS)
+data_dir = ""  # JSONL from data_gen.py; "" means data/{env} (generated if missing)
+out_dir = ""  # "" means out/{env}
+role = "all"  # reflection | policy | plain | all (reflection, policy and plain in turn)
+negatives = True  # False: train on the positive-only data (the ablation), into sft_{role}_pos
+init_from = "scratch"  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF directory
+# model (scratch only; a pretrained GPT-2 brings its own shape)
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 512
+vocab_size = 2048  # of the byte-level BPE trained on the data, for scratch
+dropout = 0.0
+# LoRA (0 = full fine-tuning; the default for scratch, where there is no base worth keeping)
+lora_r = 0
+lora_alpha = 16.0
+lora_targets = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
+# optimisation
+max_iters = 1500  # per role
+batch_size = 32
+learning_rate = 2e-3  # peak, after warm-up; cosine decay to a tenth
+warmup_iters = 100
+weight_decay = 0.1
+grad_clip = 1.0
+eval_interval = 250  # validation loss and a checkpoint every this many iterations
+eval_batches = 8
+seed = 1337
+device = ""  # "" picks cuda, then mps, then cpu
+dtype = "float32"  # float32 | bfloat16 (autocast, on cuda)
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+
+
+def parse_args(argv):
+    """--key=value overrides of the defaults above, type-checked; --flag alone means True."""
+    for arg in argv:
+        key, eq, val = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in config_keys:
+            raise SystemExit(f"error: unknown option {arg} (known: {', '.join('--' + k for k in config_keys)})")
+        old = globals()[key]
+        try:
+            if isinstance(old, bool):
+                val = {"true": True, "1": True, "false": False, "0": False}[val.lower() if eq else "true"]
+            else:
+                val = type(old)(val)
+        except (KeyError, ValueError):
+            raise SystemExit(f"error: --{key} wants a {type(old).__name__}, got {val!r}")
+        globals()[key] = val
+
+
+def read_jsonl(path):
+    """Records with string prompt and completion; a malformed line is an error naming file and line."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: missing data file {path}: run python data_gen.py --env={env} --out_dir={data_dir}")
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+                if not (isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str)):
+                    raise ValueError("needs string fields 'prompt' and 'completion'")
+            except ValueError as e:
+                raise SystemExit(f"error: {path}:{n}: malformed record ({str(e).splitlines()[0]})")
+            records.append(r)
+    if not records:
+        raise SystemExit(f"error: {path} has no records")
+    return records
+
+
+def encode(tok, records, eos_id):
+    """Token ids and completion lengths. The prompt and the completion are encoded apart, so the
+    action label is one token exactly as at scoring time; the completion ends with EOS."""
+    out = []
+    for r in records:
+        p = tok.encode(r["prompt"], add_special_tokens=False).ids
+        c = tok.encode(r["completion"], add_special_tokens=False).ids + [eos_id]
+        p = p[-(block_size - len(c)):]  # left-truncate the prompt if needed (keeps its end, the question)
+        out.append((p + c, len(c)))
+    return out
+
+
+def get_batch(examples, idxs, pad_id):
+    """Right-padded (B, T) inputs and targets; targets are -1 except on completion tokens."""
+    T = max(len(examples[i][0]) for i in idxs)
+    x = torch.full((len(idxs), T), pad_id, dtype=torch.long)
+    y = torch.full((len(idxs), T), -1, dtype=torch.long)
+    for row, i in enumerate(idxs):
+        seq, n_comp = examples[i]
+        x[row, :len(seq)] = torch.tensor(seq)
+        y[row, len(seq) - n_comp - 1:len(seq) - 1] = torch.tensor(seq[-n_comp:])  # position t predicts t+1
+    return x, y
+
+
+def sft_loss(model, x, y):
+    """Completion-only loss: the LM head runs only where a target exists (cheap for 1-token labels).
+    Returns the mean cross-entropy and the number of correct argmax predictions."""
+    h = model.hidden(x)  # (B, T, C)
+    sel = y >= 0
+    logits = model.lm_head(h[sel]).float()  # (N, vocab)
+    return F.cross_entropy(logits, y[sel]), (logits.argmax(-1) == y[sel]).sum()
+
+
+def get_tokenizer(init):
+    """One tokenizer per environment for scratch runs, trained once on all the data and cached."""
+    if init != "scratch":
+        return pretrained_tokenizer(init)
+    from tokenizers import Tokenizer
+    path = os.path.join(out_dir, "tokenizer.json")
+    if os.path.isfile(path):
+        return Tokenizer.from_file(path)
+    names = sorted(f for f in os.listdir(data_dir) if f.endswith("_train.jsonl"))
+    texts = (r["prompt"] + r["completion"] for n in names for r in read_jsonl(os.path.join(data_dir, n)))
+    tok = train_tokenizer(texts, vocab_size, LABELS)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return tok
+
+
+def train(the_role):
+    suffix = "" if negatives else "_pos"
+    ckpt_dir = os.path.join(out_dir, f"sft_{the_role}{suffix}")
+    log_path = os.path.join(ckpt_dir, "log.jsonl")
+    cfg = {k: globals()[k] for k in config_keys} | {"role": the_role}
+    torch.manual_seed(seed + rank)
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    start_iter, opt_state, ckpt = 0, None, None
+    if init_from == "resume":
+        model, tok, ckpt = load_checkpoint(ckpt_dir)
+        start_iter, opt_state, init = ckpt["iter"], ckpt["optimizer"], ckpt["init_from"]
+        random.setstate(ckpt["rng"]["python"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    else:
+        init = init_from
+        tok = get_tokenizer(init)
+        lora = dict(dropout=dropout, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets)
+        if init == "scratch":
+            model = GPT(GPTConfig(block_size=block_size, vocab_size=tok.get_vocab_size(), n_layer=n_layer,
+                                  n_head=n_head, n_embd=n_embd, **lora))
+        else:
+            model = GPT.from_pretrained(init, **lora)
+    label_token_ids(tok, LABELS)  # start-up check: every action label is one token
+    eos_id = tok.token_to_id(EOS)
+    data = {s: encode(tok, read_jsonl(os.path.join(data_dir, f"{the_role}{suffix}_{s}.jsonl")), eos_id)
+            for s in ("train", "val")}
+    model.to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]  # no weight decay on biases and layer norms
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=learning_rate, betas=(0.9, 0.95))
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bfloat16" and dev == "cuda")
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        g = random.Random(0)  # the same validation batches every time
+        tot = corr = n = 0
+        for _ in range(eval_batches):
+            x, y = get_batch(data["val"], g.sample(range(len(data["val"])), min(batch_size, len(data["val"]))), eos_id)
+            with autocast:
+                loss, c = sft_loss(model, x.to(dev), y.to(dev))
+            k = (y >= 0).sum().item()
+            tot, corr, n = tot + loss.item() * k, corr + c.item(), n + k
+        model.train()
+        return tot / n, corr / n
+
+    def lr_at(it):  # linear warm-up, then cosine to a tenth of the peak
+        if it < warmup_iters:
+            return learning_rate * (it + 1) / warmup_iters
+        frac = (it - warmup_iters) / max(1, max_iters - warmup_iters)
+        return learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+    def checkpoint(it):
+        if rank == 0:
+            save_checkpoint(ckpt_dir, model, tok, init, iter=it, optimizer=optimizer.state_dict(), config=cfg,
+                            rng={"python": random.getstate(),
+                                 "torch": torch.get_rng_state()})
+
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        with open(log_path, "a" if start_iter else "w") as f:
+            f.write(json.dumps({"config": cfg}) + "\n")
+        print(f"sft {the_role}{suffix}: {len(data['train'])} train / {len(data['val'])} val records, "
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable params, init {init}, device {dev}")
+    model.train()
+    t0, bar = time.time(), tqdm(range(start_iter, max_iters), desc=f"sft {the_role}{suffix}",
+                                initial=start_iter, total=max_iters, disable=rank != 0)
+    for it in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(it)
+        x, y = get_batch(data["train"], random.sample(range(len(data["train"])), min(batch_size, len(data["train"]))), eos_id)
+        with autocast:
+            loss, _ = sft_loss(ddp_model, x.to(dev), y.to(dev)) if world == 1 else sft_loss(model, x.to(dev), y.to(dev))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:  # average gradients across ranks by hand (sft_loss calls model.hidden, not forward)
+            for p in params:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (it + 1) % eval_interval == 0 or it + 1 == max_iters:
+            val_loss, val_acc = evaluate()
+            rec = {"iter": it + 1, "train_loss": round(loss.item(), 4), "val_loss": round(val_loss, 4),
+                   "val_token_acc": round(val_acc, 4), "lr": lr_at(it), "time": round(time.time() - t0, 1)}
+            if rank == 0:
+                tqdm.write(f"iter {it + 1}: train loss {loss.item():.4f}, val loss {val_loss:.4f}, "
+                           f"val token acc {val_acc:.3f}")
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            checkpoint(it + 1)
+    if start_iter >= max_iters and rank == 0:
+        print(f"sft {the_role}{suffix}: already at iteration {start_iter} of {max_iters}, nothing to do")
+
+
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])
+    if env not in ENVS:
+        raise SystemExit(f"error: unknown environment {env!r}: choose from {', '.join(ENVS)}")
+    roles = {"all": ["reflection", "policy", "plain"], "reflection": ["reflection"], "policy": ["policy"],
+             "plain": ["plain"]}
+    if role not in roles:
+        raise SystemExit(f"error: unknown role {role!r}: choose from {', '.join(roles)}")
+    data_dir = data_dir or os.path.join("data", env)
+    out_dir = out_dir or os.path.join("out", env)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    dev = device or pick_device()
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if dev == "cuda" else "gloo")
+        if dev == "cuda":
+            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(dev)
+    if not os.path.isfile(os.path.join(data_dir, "meta.json")) and rank == 0:
+        print(f"no data in {data_dir}: generating it with data_gen.py")
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_gen.py"),
+                        f"--env={env}", f"--out_dir={data_dir}", f"--seed={seed}"], check=True)
+    if world > 1:
+        torch.distributed.barrier()
+    try:
+        for r in roles[role]:
+            train(r)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    if world > 1:
+        torch.distributed.destroy_process_group()

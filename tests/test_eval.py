@@ -1,0 +1,131 @@
+"""eval.py: the Wilson interval, the baselines, a tiny real method end to end, bad input, determinism, --plot."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import envs
+import eval as evaluation  # not `eval`: that would shadow the builtin in this file
+from model import GPT, GPTConfig, save_checkpoint, train_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROW_KEYS = {"method", "success", "ci_low", "ci_high", "return", "dangerous", "steps", "episodes"}
+
+
+def run(tmp_path, *args):
+    # one thread: the models here are tiny, and two threads on a busy 2-core machine are ~100x slower
+    return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), f"--out_dir={tmp_path}", "--device=cpu", *args],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def results(out_dir):
+    with open(os.path.join(out_dir, "eval.json")) as f:
+        return json.load(f)
+
+
+def test_wilson_against_hand_computed():
+    # 8 of 10: p = 0.8, z = 1.96, centre (0.8 + z^2/20) / (1 + z^2/10) = 0.7167,
+    # half-width z / (1 + z^2/10) * sqrt(0.016 + z^2/400) = 0.2266
+    lo, hi = evaluation.wilson(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    assert evaluation.wilson(0, 20)[0] == 0.0 and evaluation.wilson(20, 20)[1] == 1.0
+    assert evaluation.wilson(20, 20)[0] == pytest.approx(0.8389, abs=1e-4)  # n / (n + z^2)
+
+
+def test_baselines_on_empty_out_dir(tmp_path):
+    p = run(tmp_path, "--episodes=20", "--stages=pickup")
+    assert p.returncode == 0, p.stderr
+    assert "skipping SFT:" in p.stdout and "| Oracle | 1.000" in p.stdout
+    report = results(tmp_path)
+    assert set(report) == {"env", "config", "stages"} and report["env"] == "taxi"
+    assert list(report["stages"]) == ["pickup"]
+    for stage in report["stages"].values():
+        assert stage["test_tasks"] == len(envs.make_env("taxi", "pickup").tasks("test")) > 0
+        rows = {r["method"]: r for r in stage["results"]}
+        assert list(rows) == ["Random", "Oracle"] and all(set(r) == ROW_KEYS for r in rows.values())
+        assert rows["Oracle"]["success"] == 1.0 and rows["Oracle"]["dangerous"] == 0.0
+        assert rows["Random"]["success"] < rows["Oracle"]["success"]
+        assert rows["Random"]["ci_low"] <= rows["Random"]["success"] <= rows["Random"]["ci_high"]
+        assert all(r["episodes"] == 20 for r in rows.values())
+    assert not os.path.exists(tmp_path / "eval.json.tmp")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """An untrained scratch checkpoint, used as policy and as reflection model."""
+    texts = []
+    for stage in envs.DangerousTaxi.stages:
+        taxi = envs.make_env("taxi", stage)
+        for task in taxi.tasks("train")[:10]:
+            obs = taxi.reset(task)
+            texts += [envs.policy_prompt(obs, taxi.actions, "The taxi should move north.")]
+    tok = train_tokenizer(texts, 300, envs.LABELS)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=512, vocab_size=tok.get_vocab_size()))
+    d = tmp_path_factory.mktemp("tiny")
+    save_checkpoint(str(d), model, tok, "scratch")
+    return d
+
+
+def run_tiny(out_dir, ckpt, *args):
+    return run(out_dir, f"--methods=tiny={ckpt}+{ckpt},tiny plain={ckpt}", "--episodes=6", "--batch_size=4",
+               "--stages=pickup,dropoff", "--reflection_max_tokens=8", *args)
+
+
+def test_tiny_method_runs_and_is_deterministic(tiny, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for out in (a, b):
+        p = run_tiny(out, tiny)
+        assert p.returncode == 0, p.stderr
+    ra, rb = results(a), results(b)
+    for stage in ("pickup", "dropoff"):
+        rows = ra["stages"][stage]["results"]
+        assert [r["method"] for r in rows] == ["Random", "tiny", "tiny plain", "Oracle"]
+        for r in rows:
+            assert 0 <= r["ci_low"] <= r["success"] <= r["ci_high"] <= 1 and 0 <= r["dangerous"] <= 1
+            assert r["episodes"] == 6 and 1 <= r["steps"] <= envs.DangerousTaxi.default_horizon
+        assert rows == rb["stages"][stage]["results"]  # same seed, same numbers
+    assert ra["config"]["methods"] == f"tiny={tiny}+{tiny},tiny plain={tiny}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--no_such_key=1"], "error: unknown option --no_such_key=1"),
+    (["--episodes=many"], "error: --episodes wants a int"),
+    (["--env=chess"], "error: unknown environment 'chess'"),
+    (["--stages=nowhere"], "error: unknown stage 'nowhere'"),
+])
+def test_bad_options_fail_in_one_line(tmp_path, args, message):
+    p = run(tmp_path, *args)
+    assert p.returncode != 0 and p.stderr.strip().startswith(message) and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_named_missing_or_corrupt_checkpoint_is_an_error(tiny, tmp_path):
+    missing = tmp_path / "nothing_here"
+    p = run(tmp_path, f"--methods=x={missing}", "--episodes=2")
+    assert p.returncode == 1 and p.stderr.startswith("error:") and str(missing) in p.stderr
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "ckpt.pt").write_bytes(os.urandom(256))
+    p = run(tmp_path, f"--methods=x={tiny}+{corrupt}", "--episodes=2")  # a bad reflection model counts too
+    assert p.returncode == 1 and p.stderr.startswith("error:") and str(corrupt) in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "eval.json")
+
+
+def test_plot_draws_the_rl_curves(tmp_path):
+    run_dir = tmp_path / "rl"
+    run_dir.mkdir()
+    lines = [{"config": {"env": "taxi"}}]
+    lines += [{"iter": i, "env_steps": 640 * i, "success": i / 10, "stage": "pickup" if i < 5 else "dropoff"}
+              for i in range(1, 10)]
+    (run_dir / "log.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n{\"iter\": 10, \"succ")
+    (tmp_path / "sft_policy").mkdir()  # an SFT log has iterations but no success: not a curve
+    (tmp_path / "sft_policy" / "log.jsonl").write_text(json.dumps({"iter": 250, "train_loss": 1.0}) + "\n")
+    p = run(tmp_path, "--plot", "--episodes=2", "--stages=pickup")
+    assert p.returncode == 0, p.stderr
+    png = tmp_path / "curves.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

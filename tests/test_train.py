@@ -1,0 +1,142 @@
+"""sft.py and rl.py: the loss mask, GAE and the PPO loss by hand, tiny end-to-end runs of every
+stage in subprocesses, determinism, exact resume, and bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import rl  # noqa: E402
+import sft  # noqa: E402
+from model import EOS, train_tokenizer  # noqa: E402
+from envs import LABELS  # noqa: E402
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--vocab_size=400", "--batch_size=8", "--eval_interval=2",
+        "--eval_batches=1", "--device=cpu"]
+
+
+def run(script, *args, ok=True):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    if ok:
+        assert p.returncode == 0, p.stderr[-2000:]
+    return p
+
+
+def test_loss_mask_covers_exactly_the_completion():
+    tok = train_tokenizer(["Taxi at (0,1). Next: move south.\n # Action:\n3"] * 20, 300, LABELS)
+    recs = [{"prompt": "Taxi at (0,1).\n # Action:\n", "completion": "3"},
+            {"prompt": "x", "completion": "Next: move south."}]
+    eos = tok.token_to_id(EOS)
+    ex = sft.encode(tok, recs, eos)
+    x, y = sft.get_batch(ex, [0, 1], eos)
+    for row, r in enumerate(recs):
+        p = tok.encode(r["prompt"]).ids
+        c = tok.encode(r["completion"]).ids + [eos]
+        want = [-1] * (len(p) - 1) + c + [-1] * (x.shape[1] - len(p) - len(c) + 1)
+        assert y[row].tolist() == want
+        assert x[row, :len(p) + len(c)].tolist() == p + c
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [2.0, 1.0]])
+    values = torch.tensor([[0.5, 0.0], [0.2, 0.0], [0.1, 0.0]])
+    dones = torch.tensor([[0.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
+    adv, ret = rl.compute_gae(rewards[:, :1], values[:, :1], dones[:, :1], torch.zeros(1), 0.9, 0.8)
+    # t=2: 2 - 0.1 = 1.9; t=1: 0 + 0.9*0.1 - 0.2 + 0.72*1.9; t=0: 1 + 0.9*0.2 - 0.5 + 0.72*A1
+    a1 = -0.11 + 0.72 * 1.9
+    torch.testing.assert_close(adv[:, 0], torch.tensor([0.68 + 0.72 * a1, a1, 1.9]))
+    torch.testing.assert_close(ret[:, 0], adv[:, 0] + values[:, 0])
+    # an episode that ends at t=0 and a new one that is cut at t=2 and bootstrapped with value 1
+    adv, _ = rl.compute_gae(rewards[:, 1:], values[:, 1:], dones[:, 1:], torch.ones(1), 1.0, 1.0)
+    torch.testing.assert_close(adv[:, 0], torch.tensor([1.0, 3.0, 2.0]))
+
+
+def test_ppo_loss_by_hand():
+    logp, old = torch.tensor([0.5, 0.2]).log(), torch.tensor([0.25, 0.2]).log()
+    loss, d = rl.ppo_loss(logp, old, torch.tensor([1.0, -1.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0]),
+                          torch.tensor([1.0, 1.0]), clip=0.2, vf=0.5, ent=0.01)
+    # ratio (2, 1): clipped surrogate mean(-1.2, 1) = -0.1; value 0.5 * mean(1, 0) = 0.25
+    assert math.isclose(loss.item(), -0.1 + 0.5 * 0.25 - 0.01, abs_tol=1e-6)
+    assert math.isclose(d["clipfrac"], 0.5) and math.isclose(d["approx_kl"], (1 - math.log(2)) / 2, abs_tol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Tiny data, and every SFT model, trained once for the tests below."""
+    d = tmp_path_factory.mktemp("run")
+    data, out = str(d / "data"), str(d / "out")
+    run("data_gen.py", f"--out_dir={data}", "--episodes=6", "--val_episodes=2")
+    for neg in ("True", "False"):
+        run("sft.py", f"--data_dir={data}", f"--out_dir={out}", "--max_iters=4", f"--negatives={neg}", *TINY)
+    return data, out
+
+
+def rl_args(out, *extra):
+    return [f"--out_dir={out}", "--num_envs=3", "--minibatch_size=8", "--reflection_max_tokens=12", "--device=cpu",
+            *extra]
+
+
+def log_records(path):
+    with open(path) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in ("time", "steps_per_s")}
+                for line in f if '"iter"' in line]
+
+
+def test_end_to_end_and_determinism(trained):
+    _, out = trained
+    for name in ("sft_reflection", "sft_policy", "sft_plain", "sft_reflection_pos", "sft_policy_pos"):
+        assert os.path.isfile(os.path.join(out, name, "ckpt.pt")), name
+    run("rl.py", *rl_args(out, "--curriculum", "--schedule=fixed", "--stage_iters=1,1,1", "--total_iters=3"))
+    first = log_records(os.path.join(out, "rl", "log.jsonl"))
+    assert [r["stage"] for r in first] == ["pickup", "dropoff", "full"]
+    run("rl.py", *rl_args(out, "--curriculum", "--schedule=fixed", "--stage_iters=1,1,1", "--total_iters=3"))
+    assert log_records(os.path.join(out, "rl", "log.jsonl")) == first  # same seed, same numbers
+    run("rl.py", *rl_args(out, "--no_reflection", "--total_iters=2", "--kl_coef=0.1"))
+    run("rl.py", *rl_args(out, "--negatives=False", "--total_iters=1"))
+    p = run("eval.py", f"--out_dir={out}", "--episodes=6", "--stages=pickup", "--reflection_max_tokens=12")
+    results = json.load(open(os.path.join(out, "eval.json")))["stages"]["pickup"]["results"]
+    names = {r["method"] for r in results}
+    assert {"Reflect-RL", "SFT+RL (no reflection)", "Reflect-RL (no negatives)", "Random", "Oracle"} <= names, p.stdout
+
+
+def test_resume_is_exact(trained, tmp_path):
+    _, out = trained
+    args = rl_args(out, "--curriculum", "--promote_at=0.0", "--save_interval=1")
+    run("rl.py", *args, "--total_iters=3", "--no_reflection")
+    whole = log_records(os.path.join(out, "rl_plain", "log.jsonl"))
+    run("rl.py", *args, "--total_iters=2", "--no_reflection")
+    run("rl.py", *args, "--total_iters=3", "--no_reflection", "--resume")
+    assert log_records(os.path.join(out, "rl_plain", "log.jsonl")) == whole
+
+
+def test_sft_resume_continues(trained):
+    data, out = trained
+    p = run("sft.py", f"--data_dir={data}", f"--out_dir={out}", "--role=plain", "--init_from=resume", "--max_iters=6", *TINY)
+    logs = [json.loads(line) for line in open(os.path.join(out, "sft_plain", "log.jsonl"))]
+    assert [r["iter"] for r in logs if "iter" in r] == [2, 4, 6], p.stdout
+
+
+def test_bad_input(trained, tmp_path):
+    data, out = trained
+    for script in ("sft.py", "rl.py", "data_gen.py"):
+        p = run(script, "--no_such_flag=1", ok=False)
+        assert p.returncode != 0 and "unknown option" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+        p = run(script, "--env=chess", ok=False)
+        assert p.returncode != 0 and "chess" in p.stderr.strip().splitlines()[-1]
+    p = run("rl.py", f"--out_dir={tmp_path}", ok=False)
+    assert p.returncode != 0 and p.stderr.startswith("error: no checkpoint")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in os.listdir(data):
+        (bad / name).write_text(open(os.path.join(data, name)).read())
+    with open(bad / "plain_train.jsonl", "a") as f:
+        f.write('{"prompt": "no completion"}\n')
+    n = sum(1 for _ in open(bad / "plain_train.jsonl"))
+    p = run("sft.py", f"--data_dir={bad}", f"--out_dir={tmp_path / 'o'}", "--role=plain", "--max_iters=1", *TINY, ok=False)
+    assert p.returncode != 0 and f"plain_train.jsonl:{n}:" in p.stderr and len(p.stderr.strip().splitlines()) == 1
