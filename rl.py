@@ -59,7 +59,7 @@ reflection_temperature = 0.7
 reflection_max_tokens = 96
 shuffle_labels = False  # permute the action labels at every step (against position bias)
 # PPO
-learning_rate = 1e-4
+learning_rate = 3e-4
 gamma = 0.99
 gae_lambda = 0.95
 update_epochs = 2

@@ -47,7 +47,7 @@ lora_r = 0
 lora_alpha = 16.0
 lora_targets = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
 # optimisation
-max_iters = 1500  # per role
+max_iters = 600  # per role
 batch_size = 32
 learning_rate = 2e-3  # peak, after warm-up; cosine decay to a tenth
 warmup_iters = 100
