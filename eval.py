@@ -5,7 +5,7 @@ dangerous-termination rate, mean steps), printed as Markdown and written to {out
 
     python eval.py                                  # the standard comparison, whatever is trained
     python eval.py --methods="mine=out/taxi/rl+out/taxi/sft_reflection" --stages=full --greedy
-    python eval.py --plot                           # also learning curves of the RL runs -> curves.png
+    python eval.py --plot                           # only the learning curves of the RL runs -> curves.png
 
 A method is `name=policy_dir` (the policy reads the observation alone) or
 `name=policy_dir+reflection_dir` (a frozen reflection model writes an analysis first, as in
@@ -38,7 +38,7 @@ reflection_temperature = 0.7
 reflection_max_tokens = 96
 seed = 0  # seeds torch, random, numpy and the sampling generator
 device = ""  # "" picks cuda, then mps, then cpu
-plot = False  # also draw success vs env steps of every RL run in {out_dir}/*/log.jsonl
+plot = False  # instead of evaluating, draw success vs env steps of every RL run in {out_dir}/*/log.jsonl
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
@@ -252,6 +252,9 @@ if __name__ == "__main__":
     if episodes < 1 or batch_size < 1 or reflection_max_tokens < 1:
         raise SystemExit("error: --episodes, --batch_size and --reflection_max_tokens must be at least 1")
     out_dir = out_dir or os.path.join("out", env)
+    if plot:
+        plot_curves(out_dir)
+        sys.exit(0)
     dev = device or pick_device()
     torch.manual_seed(seed)
     random.seed(seed)
@@ -281,5 +284,3 @@ if __name__ == "__main__":
             json.dump(report, f, indent=1)
         os.replace(path + ".tmp", path)
     print(f"\nwrote {os.path.join(out_dir, 'eval.json')}")
-    if plot:
-        plot_curves(out_dir)

@@ -125,7 +125,8 @@ def test_plot_draws_the_rl_curves(tmp_path):
     (run_dir / "log.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n{\"iter\": 10, \"succ")
     (tmp_path / "sft_policy").mkdir()  # an SFT log has iterations but no success: not a curve
     (tmp_path / "sft_policy" / "log.jsonl").write_text(json.dumps({"iter": 250, "train_loss": 1.0}) + "\n")
-    p = run(tmp_path, "--plot", "--episodes=2", "--stages=pickup")
+    p = run(tmp_path, "--plot")
     assert p.returncode == 0, p.stderr
+    assert not (tmp_path / "eval.json").exists()  # --plot draws, it does not evaluate
     png = tmp_path / "curves.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
