@@ -25,6 +25,7 @@ Where this departs from the paper, and why:
 import contextlib
 import copy
 import json
+import math
 import os
 import random
 import sys
@@ -213,10 +214,12 @@ def update(policy, ref, optimizer, flat, advantages, returns, pad_id):
     advantages, returns = advantages.to(dev), returns.to(dev)
     policy.train()
     diag, n = {}, len(flat)
+    n_mb = torch.tensor(math.ceil(n / minibatch_size))
+    if world > 1:  # ranks hold different numbers of steps but must take the same number of updates
+        torch.distributed.all_reduce(n_mb, op=torch.distributed.ReduceOp.MIN)
     for epoch in range(update_epochs):
-        order = torch.randperm(n).tolist()
-        for start in range(0, n, minibatch_size):
-            mb = order[start:start + minibatch_size]
+        for mb in torch.tensor_split(torch.randperm(n), int(n_mb)):
+            mb = mb.tolist()
             batch = [flat[i] for i in mb]
             logp_all, value = score(policy, [s[0] for s in batch], [len(s[1]) for s in batch],
                                     [s[1] for s in batch], pad_id, dev)
@@ -235,13 +238,15 @@ def update(policy, ref, optimizer, flat, advantages, returns, pad_id):
             loss.backward()
             if world > 1:  # data parallel: average the gradients of all ranks
                 for p in params:
-                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+                    torch.distributed.all_reduce(p.grad)  # a sum: gloo has no average
+                    p.grad /= world
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             diag["entropy"] = entropy_of(logp_all).mean().item()
         akl = torch.tensor(diag["approx_kl"])
         if world > 1:  # every rank must take the same early-stop decision
-            torch.distributed.all_reduce(akl, op=torch.distributed.ReduceOp.AVG)
+            torch.distributed.all_reduce(akl)
+            akl /= world
         if target_kl > 0 and akl.item() > target_kl:
             break
     policy.eval()

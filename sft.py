@@ -183,7 +183,6 @@ def train(the_role):
                                   lr=learning_rate, betas=(0.9, 0.95))
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bfloat16" and dev == "cuda")
 
     @torch.no_grad()
@@ -226,12 +225,14 @@ def train(the_role):
             group["lr"] = lr_at(it)
         x, y = get_batch(data["train"], random.sample(range(len(data["train"])), min(batch_size, len(data["train"]))), eos_id)
         with autocast:
-            loss, _ = sft_loss(ddp_model, x.to(dev), y.to(dev)) if world == 1 else sft_loss(model, x.to(dev), y.to(dev))
+            loss, _ = sft_loss(model, x.to(dev), y.to(dev))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:  # average gradients across ranks by hand (sft_loss calls model.hidden, not forward)
             for p in params:
-                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+                if p.grad is not None:  # the same parameters are unused on every rank (sft: the value head)
+                    torch.distributed.all_reduce(p.grad)  # a sum: gloo has no average
+                    p.grad /= world
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")

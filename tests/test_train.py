@@ -140,3 +140,16 @@ def test_bad_input(trained, tmp_path):
     n = sum(1 for _ in open(bad / "plain_train.jsonl"))
     p = run("sft.py", f"--data_dir={bad}", f"--out_dir={tmp_path / 'o'}", "--role=plain", "--max_iters=1", *TINY, ok=False)
     assert p.returncode != 0 and f"plain_train.jsonl:{n}:" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_torchrun_data_parallel(trained, tmp_path):
+    """Two CPU ranks (gloo): gradients averaged by hand, checkpoints from rank 0."""
+    data, _ = trained
+    out = str(tmp_path / "out")
+    tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for script, args in (("sft.py", [f"--data_dir={data}", f"--out_dir={out}", "--max_iters=2", *TINY]),
+                         ("rl.py", rl_args(out, "--total_iters=1"))):
+        p = subprocess.run(tr + [os.path.join(ROOT, script), *args], capture_output=True, text=True, cwd=ROOT,
+                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert p.returncode == 0, p.stderr[-2000:]
+    assert len(log_records(os.path.join(out, "rl", "log.jsonl"))) == 1
