@@ -162,7 +162,7 @@ def rollout(envs, tasks, policy, tok, refl, rtok, gen):
     while live:
         reflections = [None] * len(live)
         if refl is not None:
-            ids = [rtok.encode(analyze_prompt(envs[i].observation)).ids for i in live]
+            ids = [rtok.encode(analyze_prompt(envs[i].observation), add_special_tokens=False).ids for i in live]
             ids = [p[-(refl.config.block_size - reflection_max_tokens):] for p in ids]
             out = refl.generate(ids, reflection_max_tokens, temperature=reflection_temperature,
                                 stop=[rtok.token_to_id(EOS)], generator=gen)
@@ -171,7 +171,7 @@ def rollout(envs, tasks, policy, tok, refl, rtok, gen):
         for i, r in zip(live, reflections):
             acts = envs[i].actions
             labels = random.sample(LABELS[:len(acts)], len(acts)) if shuffle_labels else LABELS[:len(acts)]
-            prompts.append(tok.encode(policy_prompt(envs[i].observation, acts, r, labels)).ids[-block:])
+            prompts.append(tok.encode(policy_prompt(envs[i].observation, acts, r, labels), add_special_tokens=False).ids[-block:])
             label_ids.append([LABEL_ID[l] for l in labels])
             n_actions.append(len(acts))
         logp, value = score(policy, prompts, n_actions, label_ids, eos, dev)
