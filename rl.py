@@ -60,7 +60,7 @@ reflection_temperature = 0.7
 reflection_max_tokens = 96
 shuffle_labels = False  # permute the action labels at every step (against position bias)
 # PPO
-learning_rate = 3e-4
+learning_rate = 1e-4
 gamma = 0.99
 gae_lambda = 0.95
 update_epochs = 2
@@ -69,7 +69,7 @@ clip_coef = 0.2
 ent_coef = 0.01
 vf_coef = 0.5
 kl_coef = 0.0  # KL(policy || reference) penalty; the reference is the policy at the start of RL
-target_kl = 0.05  # stop the epochs of an update once the approximate KL passes this (0: never)
+target_kl = 0.02  # stop an update once the approximate KL passes this (0: never)
 max_grad_norm = 0.5
 save_interval = 5  # iterations between checkpoints
 seed = 1337
@@ -207,7 +207,8 @@ def gae_per_episode(steps):
 
 
 def update(policy, ref, optimizer, flat, advantages, returns, pad_id):
-    """PPO epochs over shuffled minibatches. Returns the diagnostics of the last minibatch seen."""
+    """PPO epochs over shuffled minibatches, stopped early once the approximate KL to the rollout
+    policy passes target_kl. Returns the diagnostics of the last minibatch seen."""
     params = [p for p in policy.parameters() if p.requires_grad]
     old_logp = torch.tensor([s[3] for s in flat], device=dev)
     actions = torch.tensor([s[2] for s in flat], device=dev)
@@ -217,43 +218,44 @@ def update(policy, ref, optimizer, flat, advantages, returns, pad_id):
     n_mb = torch.tensor(math.ceil(n / minibatch_size))
     if world > 1:  # ranks hold different numbers of steps but must take the same number of updates
         torch.distributed.all_reduce(n_mb, op=torch.distributed.ReduceOp.MIN)
-    for epoch in range(update_epochs):
-        for mb in torch.tensor_split(torch.randperm(n), int(n_mb)):
-            mb = mb.tolist()
-            batch = [flat[i] for i in mb]
-            logp_all, value = score(policy, [s[0] for s in batch], [len(s[1]) for s in batch],
+    minibatches = [mb.tolist() for _ in range(update_epochs) for mb in torch.tensor_split(torch.randperm(n), int(n_mb))]
+    updates = 0
+    for mb in minibatches:
+        batch = [flat[i] for i in mb]
+        logp_all, value = score(policy, [s[0] for s in batch], [len(s[1]) for s in batch],
+                                [s[1] for s in batch], pad_id, dev)
+        logp = logp_all.gather(1, actions[mb, None]).squeeze(1)
+        adv = advantages[mb]
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8) if len(mb) > 1 else adv  # normalise per minibatch
+        kl = None
+        if kl_coef > 0:  # KL(pi || ref) over the admissible actions, exactly (the action set is small)
+            with torch.no_grad(), ref() as r:
+                ref_logp, _ = score(r, [s[0] for s in batch], [len(s[1]) for s in batch],
                                     [s[1] for s in batch], pad_id, dev)
-            logp = logp_all.gather(1, actions[mb, None]).squeeze(1)
-            adv = advantages[mb]
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8) if len(mb) > 1 else adv  # normalise per minibatch
-            kl = None
-            if kl_coef > 0:  # KL(pi || ref) over the admissible actions, exactly (the action set is small)
-                with torch.no_grad(), ref() as r:
-                    ref_logp, _ = score(r, [s[0] for s in batch], [len(s[1]) for s in batch],
-                                        [s[1] for s in batch], pad_id, dev)
-                kl = torch.where(torch.isfinite(logp_all), logp_all.exp() * (logp_all - ref_logp), 0.0).sum(-1)
-            loss, diag = ppo_loss(logp, old_logp[mb], adv, value, returns[mb], entropy_of(logp_all),
-                                  clip_coef, vf_coef, ent_coef, kl, kl_coef)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:  # data parallel: average the gradients of all ranks
-                for p in params:
-                    torch.distributed.all_reduce(p.grad)  # a sum: gloo has no average
-                    p.grad /= world
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            diag["entropy"] = entropy_of(logp_all).mean().item()
+            kl = torch.where(torch.isfinite(logp_all), logp_all.exp() * (logp_all - ref_logp), 0.0).sum(-1)
+        loss, diag = ppo_loss(logp, old_logp[mb], adv, value, returns[mb], entropy_of(logp_all),
+                              clip_coef, vf_coef, ent_coef, kl, kl_coef)
+        diag["entropy"] = entropy_of(logp_all).mean().item()
         akl = torch.tensor(diag["approx_kl"])
         if world > 1:  # every rank must take the same early-stop decision
             torch.distributed.all_reduce(akl)
             akl /= world
         if target_kl > 0 and akl.item() > target_kl:
-            break
+            break  # checked before every step, not once per epoch: one large step can wreck a peaked policy
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:  # data parallel: average the gradients of all ranks
+            for p in params:
+                torch.distributed.all_reduce(p.grad)  # a sum: gloo has no average
+                p.grad /= world
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        updates += 1
     policy.eval()
     var = returns.var()
     diag["explained_var"] = float("nan") if var == 0 else (1 - (returns - torch.tensor(
         [s[4] for s in flat], device=dev)).var() / var).item()
-    diag["epochs"] = epoch + 1
+    diag["updates"] = updates
     return diag
 
 
