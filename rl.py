@@ -20,7 +20,9 @@ Where this departs from the paper, and why:
   `promote_at` (the paper uses a fixed schedule, available as --schedule=fixed); on a CPU budget this
   spends no iterations on stages that are already solved.
 - The KL penalty to the reference policy is off by default (kl_coef=0); the clipped objective and the
-  target-KL early stop keep the updates small.
+  target-KL early stop keep the updates small. Unlike cleanrl, the target KL is checked before every
+  minibatch step, not after each epoch: the SFT policy is very peaked, and a single large step
+  (approx KL 0.39) once turned a 95%-success policy into a 0% one.
 """
 import contextlib
 import copy
