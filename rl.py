@@ -276,7 +276,7 @@ if __name__ == "__main__":
     out_dir = out_dir or os.path.join("out", env)
     suffix = ("_plain" if no_reflection else "") + ("" if negatives else "_pos")
     run_dir = os.path.join(out_dir, "rl" + suffix)
-    policy_from = policy_from or os.path.join(out_dir, ("sft_plain" if no_reflection else "sft_policy") + suffix.replace("_plain", ""))
+    policy_from = policy_from or os.path.join(out_dir, ("sft_plain" if no_reflection else "sft_policy") + ("" if negatives else "_pos"))
     reflection_from = "" if no_reflection else (reflection_from or os.path.join(out_dir, "sft_reflection" + suffix))
     stages = stage_plan(ENVS[env].stages)
     for s in stages:
