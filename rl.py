@@ -261,12 +261,6 @@ def update(policy, ref, optimizer, flat, advantages, returns, pad_id):
     return diag
 
 
-def stage_plan(stages):
-    if not curriculum:
-        return [stage or stages[-1]]
-    return list(stages)
-
-
 if __name__ == "__main__":
     parse_args(sys.argv[1:])
     if env not in ENVS:
@@ -278,11 +272,12 @@ if __name__ == "__main__":
     run_dir = os.path.join(out_dir, "rl" + suffix)
     policy_from = policy_from or os.path.join(out_dir, ("sft_plain" if no_reflection else "sft_policy") + ("" if negatives else "_pos"))
     reflection_from = "" if no_reflection else (reflection_from or os.path.join(out_dir, "sft_reflection" + suffix))
-    stages = stage_plan(ENVS[env].stages)
+    stages = list(ENVS[env].stages) if curriculum else [stage or ENVS[env].stages[-1]]
     for s in stages:
         make_env(env, s)  # an unknown stage fails here, before any work
+    share = total_iters // len(stages)  # the fixed schedule's default: equal shares, the rest to the last stage
     fixed = [int(x) for x in stage_iters.split(",")] if stage_iters else \
-        [total_iters // len(stages)] * (len(stages) - 1) + [total_iters - total_iters // len(stages) * (len(stages) - 1)]
+        [share] * (len(stages) - 1) + [total_iters - share * (len(stages) - 1)]
     if schedule == "fixed" and len(fixed) != len(stages):
         raise SystemExit(f"error: --stage_iters needs {len(stages)} numbers, one per stage ({', '.join(stages)})")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
