@@ -33,6 +33,7 @@ import envs
 # ----------------------------------------------------------------------------------------------
 # defaults, each can be overridden with --key=value
 env = "taxi"  # environment name, one of envs.ENVS
+env_options = ""  # the environment's own settings, "key=value,..." (see envs.make_env)
 out_dir = "data/taxi"  # where the JSONL files and meta.json go
 episodes = 400  # teacher episodes per stage for the train split (and as many for the _pos files)
 val_episodes = 50  # teacher episodes per stage for the val split
@@ -80,9 +81,9 @@ def compass(d_row: int, d_col: int) -> str:
     return "to the " + "-".join(w for w in (ns, ew) if w)
 
 
-def taxi_reflection(taxi: envs.DangerousTaxi, best: int, rng: random.Random, detour: int | None) -> str:
+def taxi_reflection(taxi: envs.DangerousTaxi, best: int, rng: random.Random, detour: str | None) -> str:
     """The teacher's analysis of the current state, ending in `best`, the oracle's action. `detour`
-    is the wrong move just taken, if any, which the first sentence then owns up to."""
+    is the wrong move just taken (its text), if any, which the first sentence then owns up to."""
     row, col, pass_loc, dest = envs.decode(taxi.state)
     aboard = pass_loc == envs.IN_TAXI
     stand = dest if aboard else pass_loc  # the current target: the passenger, then the destination
@@ -95,7 +96,7 @@ def taxi_reflection(taxi: envs.DangerousTaxi, best: int, rng: random.Random, det
     sentences = []
     if detour is not None:
         target = "destination" if aboard else "passenger"
-        sentences.append(rng.choice(MISTAKE).format(move=taxi.actions[detour], target=target))
+        sentences.append(rng.choice(MISTAKE).format(move=detour, target=target))
     sentences.append(rng.choice(WHERE).format(row=row, col=col))
     sentences.append(rng.choice(ABOARD if aboard else WAITING).format(
         stand=envs.STANDS[stand], row=t_row, col=t_col, way=compass(t_row - row, t_col - col)))
@@ -124,42 +125,49 @@ def taxi_detours(taxi: envs.DangerousTaxi) -> list[int]:
     return detours
 
 
-def teacher_episode(taxi, task: int, rng: random.Random, neg_prob: float, shuffle: bool) -> dict:
+# Each environment's teacher: reflection(env, best, rng, detour) -> text ending in "Next: <action>.",
+# and detours(env) -> the wrong but legal actions now, each leaving time to finish within the horizon.
+TEACHERS = {"taxi": (taxi_reflection, taxi_detours)}
+
+
+def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, shuffle: bool) -> dict:
     """One episode led by the oracle with occasional detours; returns its records of each kind."""
+    reflect, detours = TEACHERS[env.name]
     records = {"reflection": [], "policy": [], "plain": []}
-    obs = taxi.reset(task)
+    obs = env.reset(task, seed)
     detour, done = None, False  # detour: the wrong move taken at the previous step, if any
     while not done:
-        best = taxi.oracle()
-        reflection = taxi_reflection(taxi, best, rng, detour)
-        tags = {"stage": taxi.stage, "negative": detour is not None, "state": taxi.state}
+        best = env.oracle()
+        reflection = reflect(env, best, rng, detour)
+        tags = {"stage": env.stage, "negative": detour is not None, "state": env.state}
         records["reflection"].append({"prompt": envs.analyze_prompt(obs), "completion": reflection, **tags})
         # never two detours in a row: the step after a detour is the recovery, the negative example
         wrong = None
         if detour is None and rng.random() < neg_prob:
-            candidates = taxi_detours(taxi)
+            candidates = detours(env)
             wrong = rng.choice(candidates) if candidates else None
         if wrong is None:
-            n = len(taxi.actions)
+            n = len(env.actions)
             labels = rng.sample(envs.LABELS[:n], n) if shuffle else envs.LABELS
             label = labels[best]
             for kind, text in (("policy", reflection), ("plain", None)):
-                prompt = envs.policy_prompt(obs, taxi.actions, text, labels)
+                prompt = envs.policy_prompt(obs, env.actions, text, labels)
                 records[kind].append({"prompt": prompt, "completion": label, **tags})
-        _, done, info = taxi.step(best if wrong is None else wrong)
-        obs, detour = taxi.observation, wrong
+        detour_text = None if wrong is None else env.actions[wrong]
+        _, done, info = env.step(best if wrong is None else wrong)
+        obs, detour = env.observation, detour_text
     assert info["success"], f"teacher episode from task {task} failed: {info}"
     return records
 
 
-def teacher_run(env_name: str, split: str, n_episodes: int, neg_prob: float, rng, shuffle: bool, bar) -> dict:
+def teacher_run(env_name: str, options: str, split: str, n_episodes: int, neg_prob: float, rng, shuffle: bool, bar) -> dict:
     """n_episodes per curriculum stage, from the split's start tasks taken in turn."""
     records = {"reflection": [], "policy": [], "plain": []}
     for stage in envs.ENVS[env_name].stages:
-        taxi = envs.make_env(env_name, stage)
-        tasks = taxi.tasks(split)
+        env = envs.make_env(env_name, stage, options=options)
+        tasks = env.tasks(split)
         for i in range(n_episodes):
-            for kind, recs in teacher_episode(taxi, tasks[i % len(tasks)], rng, neg_prob, shuffle).items():
+            for kind, recs in teacher_episode(env, tasks[i % len(tasks)], i, rng, neg_prob, shuffle).items():
                 records[kind] += recs
             bar.update(1)
     return records
@@ -178,10 +186,10 @@ def write_atomic(path: str, text: str):
 
 
 def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_prob: float, seed: int,
-             shuffle_labels: bool = False) -> dict:
+             shuffle_labels: bool = False, env_options: str = "") -> dict:
     """Write every data file to out_dir and return the metadata (also saved as meta.json)."""
-    envs.make_env(env_name)  # fails early, with the list of names, on an unknown environment
-    if env_name != "taxi":
+    envs.make_env(env_name, options=env_options)  # fails early, with the list of names, on an unknown environment
+    if env_name not in TEACHERS:
         raise ValueError(f"data_gen.py has no teacher for '{env_name}' yet")
     if episodes < 1 or val_episodes < 1:
         raise ValueError("episodes and val_episodes must be at least 1")
@@ -196,7 +204,7 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
                 # one random stream per file group, named by string, so that changing one group's
                 # settings never changes another group's data
                 rng = random.Random(f"{seed}/{split}{suffix}")
-                records = teacher_run(env_name, split, n_episodes, p, rng, shuffle_labels, bar)
+                records = teacher_run(env_name, env_options, split, n_episodes, p, rng, shuffle_labels, bar)
                 for kind, recs in records.items():
                     files[f"{kind}{suffix}_{split}.jsonl"] = recs
     # everything is generated before anything is written, so a failure leaves old files whole
@@ -206,7 +214,8 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
         print(f"{name}: {len(recs)} records, {sum(r['negative'] for r in recs)} negative")
     meta = {
         "config": {"env": env_name, "out_dir": out_dir, "episodes": episodes, "val_episodes": val_episodes,
-                   "neg_prob": neg_prob, "shuffle_labels": shuffle_labels, "seed": seed},
+                   "neg_prob": neg_prob, "shuffle_labels": shuffle_labels, "seed": seed,
+                   "env_options": env_options},
         "stages": list(envs.ENVS[env_name].stages),
         "horizon": envs.ENVS[env_name].default_horizon,
         "counts": {name: len(recs) for name, recs in files.items()},
@@ -244,7 +253,7 @@ if __name__ == "__main__":
     try:
         cfg = parse_overrides(sys.argv[1:], {k: globals()[k] for k in config_keys})
         generate(cfg["env"], cfg["out_dir"], cfg["episodes"], cfg["val_episodes"], cfg["neg_prob"],
-                 cfg["seed"], cfg["shuffle_labels"])
+                 cfg["seed"], cfg["shuffle_labels"], cfg["env_options"])
     except ValueError as e:
         print(f"data_gen.py: {e}", file=sys.stderr)
         sys.exit(2)

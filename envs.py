@@ -154,6 +154,7 @@ class DangerousTaxi:
     name = "taxi"
     stages = ("pickup", "dropoff", "full")  # the curriculum, in order
     default_horizon = 15
+    options = {}  # make_env's "key=value" settings and their types: taxi has none
 
     def __init__(self, stage: str = "full", horizon: int = 15):
         if stage not in self.stages:
@@ -246,10 +247,18 @@ class DangerousTaxi:
 ENVS = {"taxi": DangerousTaxi}
 
 
-def make_env(name: str, stage: str | None = None, horizon: int | None = None):
-    """The environment `name` at `stage` (default: its last, the full task) and `horizon`."""
+def make_env(name: str, stage: str | None = None, horizon: int | None = None, options: str = ""):
+    """The environment `name` at `stage` (default: its last, the full task) and `horizon`. `options`
+    is "key=value,key=value" for the environment's own settings (see its __init__)."""
     if name not in ENVS:
         raise ValueError(f"unknown environment '{name}': choose from {', '.join(ENVS)}")
     cls = ENVS[name]
+    kwargs = {}
+    for item in filter(None, options.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in cls.options:
+            known = ", ".join(cls.options) or "none"
+            raise ValueError(f"bad option '{item}' for {name}: use key=value with a key from: {known}")
+        kwargs[key] = cls.options[key](value)
     stage = cls.stages[-1] if stage is None else stage
-    return cls(stage, cls.default_horizon if horizon is None else horizon)
+    return cls(stage, cls.default_horizon if horizon is None else horizon, **kwargs)

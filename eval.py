@@ -28,6 +28,7 @@ from model import EOS, label_token_ids, load_checkpoint, pick_device
 
 # ----------------------------------------------------------------------------- config
 env = "taxi"  # environment to evaluate on (see envs.ENVS)
+env_options = ""  # the environment's own settings, "key=value,..." (see envs.make_env)
 out_dir = ""  # "" means out/{env}; the standard methods are looked for here, eval.json goes here
 episodes = 500  # per stage and method, cycling through the test tasks
 stages = ""  # "" means every curriculum stage of the env, else a comma list
@@ -156,7 +157,7 @@ def run_episodes(agent, stage, tasks, g):
     bar = tqdm(total=episodes, desc=f"{agent['name']} / {stage}", leave=False)
     for lo in range(0, episodes, batch_size):
         ks = range(lo, min(lo + batch_size, episodes))
-        batch = [make_env(env, stage) for _ in ks]
+        batch = [make_env(env, stage, options=env_options) for _ in ks]
         for k, e in zip(ks, batch):
             e.reset(tasks[k % len(tasks)], seed=k)
         ret, steps, info = [0.0] * len(batch), [0] * len(batch), [None] * len(batch)
@@ -249,6 +250,10 @@ if __name__ == "__main__":
     for s in stage_list:
         if s not in all_stages:
             raise SystemExit(f"error: unknown stage {s!r} for {env}: choose from {', '.join(all_stages)}")
+    try:
+        make_env(env, options=env_options)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     if episodes < 1 or batch_size < 1 or reflection_max_tokens < 1:
         raise SystemExit("error: --episodes, --batch_size and --reflection_max_tokens must be at least 1")
     out_dir = out_dir or os.path.join("out", env)
@@ -270,7 +275,7 @@ if __name__ == "__main__":
     report = {"env": env, "config": {k: globals()[k] for k in config_keys}, "stages": {}}
     os.makedirs(out_dir, exist_ok=True)
     for stage in stage_list:
-        tasks = make_env(env, stage).tasks("test")
+        tasks = make_env(env, stage, options=env_options).tasks("test")
         if not tasks:
             raise SystemExit(f"error: {env} / {stage} has no test tasks")
         print(f"\n## {env} / {stage}: {len(tasks)} distinct test tasks, {episodes} episodes per method")

@@ -42,6 +42,7 @@ from model import EOS, label_token_ids, load_checkpoint, pick_device, save_check
 
 # ----------------------------------------------------------------------------- config
 env = "taxi"  # see envs.ENVS
+env_options = ""  # the environment's own settings, "key=value,..." (see envs.make_env)
 out_dir = ""  # "" means out/{env}; this run writes {out_dir}/rl[_plain][_pos]/
 policy_from = ""  # SFT checkpoint dir; "" means {out_dir}/sft_policy (sft_plain with --no_reflection)
 reflection_from = ""  # frozen reflection model; "" means {out_dir}/sft_reflection
@@ -273,8 +274,11 @@ if __name__ == "__main__":
     policy_from = policy_from or os.path.join(out_dir, ("sft_plain" if no_reflection else "sft_policy") + ("" if negatives else "_pos"))
     reflection_from = "" if no_reflection else (reflection_from or os.path.join(out_dir, "sft_reflection" + suffix))
     stages = list(ENVS[env].stages) if curriculum else [stage or ENVS[env].stages[-1]]
-    for s in stages:
-        make_env(env, s)  # an unknown stage fails here, before any work
+    try:
+        for s in stages:
+            make_env(env, s, options=env_options)  # an unknown stage or option fails here, before any work
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     share = total_iters // len(stages)  # the fixed schedule's default: equal shares, the rest to the last stage
     fixed = [int(x) for x in stage_iters.split(",")] if stage_iters else \
         [share] * (len(stages) - 1) + [total_iters - share * (len(stages) - 1)]
@@ -333,7 +337,7 @@ if __name__ == "__main__":
                             rng={"python": random.getstate(),
                                  "torch": torch.get_rng_state(), "gen": gen.get_state()})
 
-    envs = [make_env(env, stages[stage_idx], horizon or None) for _ in range(num_envs)]
+    envs = [make_env(env, stages[stage_idx], horizon or None, env_options) for _ in range(num_envs)]
     bar = tqdm(range(it, total_iters), initial=it, total=total_iters, desc="rl", disable=rank != 0)
     for it in bar:
         t0 = time.time()
@@ -359,7 +363,7 @@ if __name__ == "__main__":
         promote = success >= promote_at if schedule == "threshold" else done_here >= fixed[stage_idx]
         if curriculum and promote and stage_idx + 1 < len(stages):
             stage_idx, stage_start = stage_idx + 1, it + 1
-            envs = [make_env(env, stages[stage_idx], horizon or None) for _ in range(num_envs)]
+            envs = [make_env(env, stages[stage_idx], horizon or None, env_options) for _ in range(num_envs)]
             if rank == 0:
                 tqdm.write(f"curriculum: on to stage {stages[stage_idx]}")
         it += 1  # from here on `it` counts finished iterations, as the checkpoint records
