@@ -126,7 +126,7 @@ def test_cli_errors(tmp_path):
         cmd = [sys.executable, "data_gen.py", *args]
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
 
-    for args, message in [(["--foo=1"], "unknown option --foo (known: env, out_dir"),
+    for args, message in [(["--foo=1"], "unknown option --foo (known: env, env_options, out_dir"),
                           (["--episodes=many"], "--episodes wants an integer, got 'many'"),
                           (["--shuffle_labels=maybe"], "--shuffle_labels wants true or false"),
                           (["episodes=3"], "use --key=value"),
