@@ -125,9 +125,56 @@ def taxi_detours(taxi: envs.DangerousTaxi) -> list[int]:
     return detours
 
 
+# AutoExplore: the teacher knows the targets. Its analysis owns up to a wrong command, says whether
+# the last file read answers the task (quoting the evidence when it shows), then where to go.
+WRONG_FILE = ["{name} was the wrong file: it does not answer the task.", "Reading {name} did not help.",
+              "{name} is not the answer."]
+WRONG_DIR = ["{name} was the wrong folder.", "Going into {name} was a mistake.", "The answer is not under {name}."]
+WRONG_UP = ["Going up was a mistake.", "Leaving that folder was wrong."]
+FOUND = ["{name} shows {evidence}: this is the answer.", "The output of {name} has {evidence}, which answers the task."]
+FOUND_PLAIN = ["{name} answers the task.", "This is the file the task asks for: {name}."]
+GO_UP = ["The answer is not below here: go up.", "Nothing here answers the task; go back up."]
+GO_DOWN = ["The answer should be under {name}/.", "{name}/ is the folder to search."]
+READ = ["{name} is the file to read.", "{name} looks like the answer; read it."]
+
+
+def explore_reflection(env: envs.AutoExplore, best: int, rng: random.Random, detour: str | None) -> str:
+    verb, name = env.commands[best]
+    sentences = []
+    if detour is not None:
+        wrong_verb, wrong_name = detour.split(" ", 1)
+        template = WRONG_UP if detour == "cd .." else WRONG_FILE if wrong_verb == "cat" else WRONG_DIR
+        sentences.append(rng.choice(template).format(name=wrong_name))
+    if verb == "id":
+        evidence = env.task["evidence"]
+        if evidence and evidence in env.result:
+            sentences.append(rng.choice(FOUND).format(name=envs.shown(name), evidence=evidence))
+        else:
+            sentences.append(rng.choice(FOUND_PLAIN).format(name=envs.shown(name)))
+    elif verb == "cd":
+        sentences.append(rng.choice(GO_UP) if name == ".." else rng.choice(GO_DOWN).format(name=envs.shown(name)))
+    else:
+        sentences.append(rng.choice(READ).format(name=envs.shown(name)))
+    return " ".join(sentences + [f"Next: {env.actions[best]}."])
+
+
+def explore_detours(env: envs.AutoExplore) -> list[int]:
+    """A `cat` of a file that is not a target, or a `cd` off every shortest path, when there is
+    still time to recover: a wrong file costs one step, a wrong folder two (there and back)."""
+    left, here = env.horizon - env.steps, env.distance()
+    good = {plan[0] for plan in (env.plan(t) for t in env.task["targets"]) if len(plan) == here}
+    out = []
+    for i, (verb, name) in enumerate(env.commands):
+        cost = {"cat": 1, "cd": 2}.get(verb)
+        if cost and (verb, name) not in good and cost + here <= left:
+            if verb == "cd" or "/".join(env.cwd + (name,)) not in env.task["targets"]:
+                out.append(i)
+    return out
+
+
 # Each environment's teacher: reflection(env, best, rng, detour) -> text ending in "Next: <action>.",
 # and detours(env) -> the wrong but legal actions now, each leaving time to finish within the horizon.
-TEACHERS = {"taxi": (taxi_reflection, taxi_detours)}
+TEACHERS = {"taxi": (taxi_reflection, taxi_detours), "autoexplore": (explore_reflection, explore_detours)}
 
 
 def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, shuffle: bool) -> dict:
@@ -166,6 +213,10 @@ def teacher_run(env_name: str, options: str, split: str, n_episodes: int, neg_pr
     for stage in envs.ENVS[env_name].stages:
         env = envs.make_env(env_name, stage, options=options)
         tasks = env.tasks(split)
+        if not tasks:  # e.g. no deep targets among the validation repositories
+            tqdm.write(f"{env_name} {stage}: no {split} tasks, skipped")
+            bar.update(n_episodes)
+            continue
         for i in range(n_episodes):
             for kind, recs in teacher_episode(env, tasks[i % len(tasks)], i, rng, neg_prob, shuffle).items():
                 records[kind] += recs

@@ -39,7 +39,7 @@ init_from = "scratch"  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gp
 n_layer = 4
 n_head = 4
 n_embd = 128
-block_size = 512
+block_size = 0  # 0 means the environment's context size, envs.ENVS[env].context
 vocab_size = 2048  # of the byte-level BPE trained on the data, for scratch
 dropout = 0.0
 # LoRA (0 = full fine-tuning; the default for scratch, where there is no base worth keeping)
@@ -266,6 +266,7 @@ if __name__ == "__main__":
         raise SystemExit(f"error: unknown role {role!r}: choose from {', '.join(roles)}")
     data_dir = data_dir or os.path.join("data", env)
     out_dir = out_dir or os.path.join("out", env)
+    block_size = block_size or ENVS[env].context
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dev = device or pick_device()
     if world > 1:
