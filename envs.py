@@ -9,6 +9,10 @@ Every environment has the same small interface:
     env.oracle()          -> index of a best action now, from privileged state; used by data_gen.py
                              and the tests, never by the agent
     env.tasks(split)      -> the start tasks of "train", "val" or "test" for the env's stage
+    env.state             -> a JSON-able summary of where the episode is (data_gen.py records it)
+and class attributes: name, stages (the curriculum, in order), default_horizon, context (tokens the
+scratch model's context needs), reward_scale (rl.py trains on reward * reward_scale) and options
+(the "key=value" settings make_env accepts, with their types).
 """
 import ast
 import json
@@ -158,6 +162,7 @@ class DangerousTaxi:
     stages = ("pickup", "dropoff", "full")  # the curriculum, in order
     default_horizon = 15
     context = 512  # tokens of the scratch model's context: a taxi prompt with its reflection fits
+    reward_scale = 1.0  # rl.py trains on reward * reward_scale; taxi's are already of order 1
     options = {}  # make_env's "key=value" settings and their types: taxi has none
 
     def __init__(self, stage: str = "full", horizon: int = 15):
@@ -563,7 +568,7 @@ class AutoExplore:
             raise ValueError(f"tasks file does not exist: {tasks}")
         self.stage, self.horizon, self.leave_out, self.view_chars = stage, horizon, leave_out, view_chars
         self.source = (roots, tasks, view_chars)
-        self.reward_scale = 1 / horizon  # rl.py trains on rewards of order 1
+        self.reward_scale = 1 / horizon  # rl.py trains on reward * reward_scale, of order 1
         self.task, self.steps, self.done, self.observation, self.actions = None, 0, True, "", []
 
     def tasks(self, split: str) -> list[dict]:
