@@ -35,14 +35,20 @@ import envs
 env = "taxi"  # environment name, one of envs.ENVS
 env_options = ""  # the environment's own settings, "key=value,..." (see envs.make_env)
 out_dir = "data/taxi"  # where the JSONL files and meta.json go
-episodes = 400  # teacher episodes per stage for the train split (and as many for the _pos files)
+episodes = 0  # teacher episodes per stage for the train split (and as many for the _pos files);
+              # 0 means the environment's default in ENV_DEFAULTS
 val_episodes = 50  # teacher episodes per stage for the val split
-neg_prob = 0.15  # chance per step that the teacher takes a detour (a negative example)
+neg_prob = -1.0  # chance per step that the teacher takes a detour (a negative example); -1 means
+                 # the environment's default in ENV_DEFAULTS
 shuffle_labels = False  # permute the action labels at every step, against position bias
 seed = 0  # drives every random choice: the same seed writes byte-identical files
 config_keys = [k for k, v in globals().items() if not k.startswith("_")
                and isinstance(v, (bool, int, float, str))]
 # ----------------------------------------------------------------------------------------------
+# AutoExplore needs more episodes (its tasks are many and varied) and more detours: without them
+# nearly every `cat` in the data is of the answer, and the models learn to identify whatever they
+# have just read.
+ENV_DEFAULTS = {"taxi": {"episodes": 400, "neg_prob": 0.15}, "autoexplore": {"episodes": 1200, "neg_prob": 0.5}}
 
 # Reflection templates, one list per sentence of the chain of thought: where the taxi is, where the
 # target is, the wall that matters, then the move and why. Several phrasings of each, so the model
@@ -126,36 +132,35 @@ def taxi_detours(taxi: envs.DangerousTaxi) -> list[int]:
 
 
 # AutoExplore: the teacher knows the targets. Its analysis owns up to a wrong command, says whether
-# the last file read answers the task (quoting the evidence when it shows), then where to go.
-WRONG_FILE = ["{name} was the wrong file: it does not answer the task.", "Reading {name} did not help.",
-              "{name} is not the answer."]
-WRONG_DIR = ["{name} was the wrong folder.", "Going into {name} was a mistake.", "The answer is not under {name}."]
+# the last file read answers the task, and what kind of move comes next. It names no file or folder:
+# the default scratch model cannot copy names it never saw in training (its reflections named the
+# right file for 0 of 60 test states when they had to), so the choice among the listed names is
+# left to the policy, which picks a label rather than writing a name.
+WRONG_FILE = ["The last file read does not answer the task.", "That file was wrong: it does not have what the task asks for."]
+WRONG_DIR = ["That folder was the wrong way.", "Going into that folder was a mistake."]
 WRONG_UP = ["Going up was a mistake.", "Leaving that folder was wrong."]
-FOUND = ["{name} shows {evidence}: this is the answer.", "The output of {name} has {evidence}, which answers the task."]
-FOUND_PLAIN = ["{name} answers the task.", "This is the file the task asks for: {name}."]
-GO_UP = ["The answer is not below here: go up.", "Nothing here answers the task; go back up."]
-GO_DOWN = ["The answer should be under {name}/.", "{name}/ is the folder to search."]
-READ = ["{name} is the file to read.", "{name} looks like the answer; read it."]
+FOUND = ["The last file read has what the task asks for: it is the answer.", "The last file read answers the task."]
+FOUND_EARLIER = ["A file read before in this folder answers the task."]
+MOVES = {"up": ["Nothing here answers the task. Next: go up.", "The answer is not below here. Next: go up."],
+         "down": ["The answer should be in a folder below. Next: go into a folder.",
+                  "Next: go into the folder that fits the task."],
+         "read": ["Next: read a file here.", "One of the files here should answer the task. Next: read it."],
+         "id": ["Next: identify that file."]}
 
 
 def explore_reflection(env: envs.AutoExplore, best: int, rng: random.Random, detour: str | None) -> str:
     verb, name = env.commands[best]
     sentences = []
     if detour is not None:
-        wrong_verb, wrong_name = detour.split(" ", 1)
-        template = WRONG_UP if detour == "cd .." else WRONG_FILE if wrong_verb == "cat" else WRONG_DIR
-        sentences.append(rng.choice(template).format(name=wrong_name))
+        template = WRONG_UP if detour == "cd .." else WRONG_FILE if detour.startswith("cat ") else WRONG_DIR
+        sentences.append(rng.choice(template))
     if verb == "id":
-        evidence = env.task["evidence"]
-        if evidence and evidence in env.result:
-            sentences.append(rng.choice(FOUND).format(name=envs.shown(name), evidence=evidence))
-        else:
-            sentences.append(rng.choice(FOUND_PLAIN).format(name=envs.shown(name)))
-    elif verb == "cd":
-        sentences.append(rng.choice(GO_UP) if name == ".." else rng.choice(GO_DOWN).format(name=envs.shown(name)))
+        last_read = env.history[-1] == f"cat {envs.shown(name)}"
+        sentences.append(rng.choice(FOUND if last_read else FOUND_EARLIER))
+        move = "id"
     else:
-        sentences.append(rng.choice(READ).format(name=envs.shown(name)))
-    return " ".join(sentences + [f"Next: {env.actions[best]}."])
+        move = "read" if verb == "cat" else "up" if name == ".." else "down"
+    return " ".join(sentences + [rng.choice(MOVES[move])])
 
 
 def explore_detours(env: envs.AutoExplore) -> list[int]:
@@ -172,7 +177,7 @@ def explore_detours(env: envs.AutoExplore) -> list[int]:
     return out
 
 
-# Each environment's teacher: reflection(env, best, rng, detour) -> text ending in "Next: <action>.",
+# Each environment's teacher: reflection(env, best, rng, detour) -> text ending in "Next: <move>.",
 # and detours(env) -> the wrong but legal actions now, each leaving time to finish within the horizon.
 TEACHERS = {"taxi": (taxi_reflection, taxi_detours), "autoexplore": (explore_reflection, explore_detours)}
 
@@ -238,10 +243,13 @@ def write_atomic(path: str, text: str):
 
 def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_prob: float, seed: int,
              shuffle_labels: bool = False, env_options: str = "") -> dict:
-    """Write every data file to out_dir and return the metadata (also saved as meta.json)."""
+    """Write every data file to out_dir and return the metadata (also saved as meta.json).
+    episodes=0 and neg_prob=-1 take the environment's defaults."""
     envs.make_env(env_name, options=env_options)  # fails early, with the list of names, on an unknown environment
     if env_name not in TEACHERS:
         raise ValueError(f"data_gen.py has no teacher for '{env_name}' yet")
+    episodes = episodes or ENV_DEFAULTS[env_name]["episodes"]
+    neg_prob = ENV_DEFAULTS[env_name]["neg_prob"] if neg_prob == -1 else neg_prob
     if episodes < 1 or val_episodes < 1:
         raise ValueError("episodes and val_episodes must be at least 1")
     if not 0 <= neg_prob <= 1:

@@ -399,7 +399,7 @@ def file_facts(name: str, text: str) -> list[tuple[str, str, str]]:
     return facts
 
 
-def repo_tasks(root: str, view_chars: int, per_level: int = 40) -> list[dict]:
+def repo_tasks(root: str, view_chars: int, per_level: int = 120) -> list[dict]:
     """Up to `per_level` tasks of `root` (a resolved path) per curriculum level, the kinds taken in
     turn, chosen by a seeded draw. A task's targets are every file with the fact, shown or not."""
     facts = {}  # question -> {"kind", "evidence", "targets", "seen"}
