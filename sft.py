@@ -108,14 +108,14 @@ def read_jsonl(path):
     return records
 
 
-def encode(tok, records, eos_id):
+def encode(tok, records, eos_id, block):
     """Token ids and completion lengths. The prompt and the completion are encoded apart, so the
     action label is one token exactly as at scoring time; the completion ends with EOS."""
     out = []
     for r in records:
         p = tok.encode(r["prompt"], add_special_tokens=False).ids
         c = tok.encode(r["completion"], add_special_tokens=False).ids + [eos_id]
-        p = p[-(block_size - len(c)):]  # left-truncate the prompt if needed (keeps its end, the question)
+        p = p[-(block - len(c)):]  # left-truncate the prompt if needed (keeps its end, the question)
         out.append((p + c, len(c)))
     return out
 
@@ -184,7 +184,8 @@ def train(the_role):
             model = GPT.from_pretrained(init, **lora)
     label_token_ids(tok, LABELS)  # start-up check: every action label is one token
     eos_id = tok.token_to_id(EOS)
-    data = {s: encode(tok, read_jsonl(os.path.join(data_dir, f"{the_role}{suffix}_{s}.jsonl")), eos_id)
+    data = {s: encode(tok, read_jsonl(os.path.join(data_dir, f"{the_role}{suffix}_{s}.jsonl")), eos_id,
+                     model.config.block_size)
             for s in ("train", "val")}
     model.to(dev)
     params = [p for p in model.parameters() if p.requires_grad]

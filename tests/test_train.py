@@ -33,7 +33,7 @@ def test_loss_mask_covers_exactly_the_completion():
     recs = [{"prompt": "Taxi at (0,1).\n # Action:\n", "completion": "3"},
             {"prompt": "x", "completion": "Next: move south."}]
     eos = tok.token_to_id(EOS)
-    ex = sft.encode(tok, recs, eos)
+    ex = sft.encode(tok, recs, eos, 512)
     x, y = sft.get_batch(ex, [0, 1], eos)
     for row, r in enumerate(recs):
         p = tok.encode(r["prompt"]).ids
