@@ -149,8 +149,9 @@ def score(model, prompts, n_actions, label_ids, pad_id, dev):
 
 
 def entropy_of(logp):
-    p = logp.exp()
-    return -torch.where(torch.isfinite(logp), p * logp, torch.zeros_like(p)).sum(-1)
+    """Entropy over the admissible actions; masked ones (-inf) add 0 to the value and to the gradient
+    (a torch.where over p * logp would back-propagate 0 * inf = nan through the masked entries)."""
+    return -(logp.exp() * logp.masked_fill(~torch.isfinite(logp), 0.0)).sum(-1)
 
 
 @torch.no_grad()
@@ -235,7 +236,7 @@ def update(policy, ref, optimizer, flat, advantages, returns, pad_id):
             with torch.no_grad(), ref() as r:
                 ref_logp, _ = score(r, [s[0] for s in batch], [len(s[1]) for s in batch],
                                     [s[1] for s in batch], pad_id, dev)
-            kl = torch.where(torch.isfinite(logp_all), logp_all.exp() * (logp_all - ref_logp), 0.0).sum(-1)
+            kl = (logp_all.exp() * (logp_all - ref_logp).masked_fill(~torch.isfinite(logp_all), 0.0)).sum(-1)
         loss, diag = ppo_loss(logp, old_logp[mb], adv, value, returns[mb], entropy_of(logp_all),
                               clip_coef, vf_coef, ent_coef, kl, kl_coef)
         diag["entropy"] = entropy_of(logp_all).mean().item()

@@ -66,6 +66,17 @@ def test_ppo_loss_by_hand():
     assert math.isclose(d["clipfrac"], 0.5) and math.isclose(d["approx_kl"], (1 - math.log(2)) / 2, abs_tol=1e-6)
 
 
+def test_entropy_gradient_with_masked_actions():
+    # environments with fewer actions than others pad with -inf log-probs: the entropy bonus must
+    # leave a finite gradient (household games have varying numbers of actions; taxi always six)
+    logits = torch.tensor([[1.0, 2.0, float("-inf")]], requires_grad=True)
+    entropy = rl.entropy_of(torch.log_softmax(logits, -1))
+    entropy.sum().backward()
+    p = torch.softmax(torch.tensor([1.0, 2.0]), -1)
+    assert math.isclose(entropy.item(), -(p * p.log()).sum().item(), rel_tol=1e-6)
+    assert torch.isfinite(logits.grad).all()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Tiny data, and every SFT model, trained once for the tests below."""
