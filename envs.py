@@ -279,8 +279,9 @@ def clean_text(text: str, limit: int) -> str:
 
 def household_game_kind(stage: str, index: int) -> tuple[str, int]:
     """Which generator makes game `index` of `stage`: ("simple", quest length) or ("cooking", rooms).
-    Stage len1 and len2 are simple quests of one and two steps; full alternates simple quests of
-    three steps with cooking quests in one kitchen or six rooms (walkthroughs of 3 to about 9 steps)."""
+    Stage len1 and len2 are simple quests of one and two steps (TextWorld's quest length: now and then
+    a walkthrough is shorter); full alternates simple quests of three steps with cooking quests in one
+    kitchen or six rooms (walkthroughs of 3 to about 9 steps)."""
     if stage != "full":
         return "simple", 1 if stage == "len1" else 2
     return ("simple", 3) if index % 2 == 0 else ("cooking", 1 if index % 4 == 1 else 6)
@@ -335,7 +336,7 @@ def household_games(games_dir: str, n_games: int) -> dict[str, list[str]]:
 
 class Household:
     name = "household"
-    stages = ("len1", "len2", "full")  # walkthroughs of 1 step, 2 steps, 3 or more (see household_game_kind)
+    stages = ("len1", "len2", "full")  # quests of 1 step, 2 steps, 3 or more (see household_game_kind)
     default_horizon = 15
     # make_env's "key=value" settings: where generated games are cached, how many per stage
     # (cut 60/10/30 into train/val/test), ALFWorld's data directory (plays its games instead), and
@@ -357,6 +358,7 @@ class Household:
         self.games_dir, self.n_games, self.alfworld = games_dir, n_games, alfworld
         self.actions, self.observation, self.steps, self.done = [], "", 0, True
         self.task, self._env, self._game_path, self._game_state, self._split_cache = None, None, None, None, {}
+        self._inform7 = (None, None)  # (TextWorld game, its command writer), for walkthrough_after
 
     # -- tasks: game files ---------------------------------------------------------------------
     def tasks(self, split: str) -> list[str]:
@@ -405,7 +407,7 @@ class Household:
             if self._env is not None:
                 self._env.close()
             self._env, self._game_path = self._load(task), task
-        self.task, self._commands, self._history, self.steps, self.done = task, [], [], 0, False
+        self.task, self._commands, self.steps, self.done = task, [], 0, False
         self._game_state = self._env.reset()
         self._intro = self._game_state.feedback
         if task.endswith(".tw-pddl") and self.stage != "full":
@@ -487,7 +489,7 @@ class Household:
             sim.close()
             return list(state["extra.expert_plan"])
         from textworld.generator.inform7 import Inform7Game
-        if getattr(self, "_inform7", (None,))[0] is not self._game_state["game"]:
+        if self._inform7[0] is not self._game_state["game"]:
             self._inform7 = (self._game_state["game"], Inform7Game(self._game_state["game"]))
         inform7 = self._inform7[1]
         valid = self._game_state["_valid_actions"]
