@@ -20,6 +20,7 @@ check every target against the oracle.
 
     python data_gen.py                      # defaults below, about 2 s on a laptop
     python data_gen.py --episodes=2000 --neg_prob=0.3 --shuffle_labels=true
+    python data_gen.py --env=household      # generates the household games first (once, see README)
 """
 import json
 import os

@@ -368,7 +368,8 @@ class Household:
             raise ValueError(f"unknown split '{split}': choose from {', '.join(SPLITS)}")
         if split not in self._split_cache:
             if self.alfworld:
-                every = sorted(glob.glob(os.path.join(self.alfworld, "**", "game.tw-pddl"), recursive=True))
+                every = sorted(g for g in glob.glob(os.path.join(self.alfworld, "**", "game.tw-pddl"), recursive=True)
+                               if "movable" not in g and "Sliced" not in g)  # left out by ALFWorld's text env too
                 folder = {"train": "train", "val": "valid_seen", "test": "valid_unseen"}[split]
                 games = [g for g in every if f"{os.sep}{folder}{os.sep}" in g]
                 if not any(f"{os.sep}{f}{os.sep}" in g for g in every for f in ("train", "valid_seen", "valid_unseen")):
