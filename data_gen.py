@@ -37,14 +37,21 @@ import envs
 env = "taxi"  # environment name, one of envs.ENVS
 env_options = ""  # the environment's own settings, "key=value,..." (see envs.make_env)
 out_dir = "data/taxi"  # where the JSONL files and meta.json go
-episodes = 400  # teacher episodes per stage for the train split (and as many for the _pos files)
+episodes = 0  # teacher episodes per stage for the train split (and as many for the _pos files);
+              # 0 means the environment's default in ENV_DEFAULTS
 val_episodes = 50  # teacher episodes per stage for the val split
-neg_prob = 0.15  # chance per step that the teacher takes a detour (a negative example)
+neg_prob = -1.0  # chance per step that the teacher takes a detour (a negative example); -1 means
+                 # the environment's default in ENV_DEFAULTS
 shuffle_labels = False  # permute the action labels at every step, against position bias
 seed = 0  # drives every random choice: the same seed writes byte-identical files
 config_keys = [k for k, v in globals().items() if not k.startswith("_")
                and isinstance(v, (bool, int, float, str))]
 # ----------------------------------------------------------------------------------------------
+# AutoExplore needs more episodes (its tasks are many and varied) and more detours: without them
+# nearly every `cat` in the data is of the answer, and the models learn to identify whatever they
+# have just read.
+ENV_DEFAULTS = {"taxi": {"episodes": 400, "neg_prob": 0.15}, "autoexplore": {"episodes": 1200, "neg_prob": 0.5},
+                "household": {"episodes": 400, "neg_prob": 0.15}}
 
 # Reflection templates, one list per sentence of the chain of thought: where the taxi is, where the
 # target is, the wall that matters, then the move and why. Several phrasings of each, so the model
@@ -127,6 +134,52 @@ def taxi_detours(taxi: envs.DangerousTaxi) -> list[int]:
     return detours
 
 
+# AutoExplore: the teacher knows the targets. Its analysis owns up to a wrong command, says whether
+# the last file read answers the task, and what kind of move comes next. It names no file or folder:
+# the default scratch model cannot copy names it never saw in training (its reflections named the
+# right file for 0 of 60 test states when they had to), so the choice among the listed names is
+# left to the policy, which picks a label rather than writing a name.
+WRONG_FILE = ["The last file read does not answer the task.", "That file was wrong: it does not have what the task asks for."]
+WRONG_DIR = ["That folder was the wrong way.", "Going into that folder was a mistake."]
+WRONG_UP = ["Going up was a mistake.", "Leaving that folder was wrong."]
+FOUND = ["The last file read has what the task asks for: it is the answer.", "The last file read answers the task."]
+FOUND_EARLIER = ["A file read before in this folder answers the task."]
+MOVES = {"up": ["Nothing here answers the task. Next: go up.", "The answer is not below here. Next: go up."],
+         "down": ["The answer should be in a folder below. Next: go into a folder.",
+                  "Next: go into the folder that fits the task."],
+         "read": ["Next: read a file here.", "One of the files here should answer the task. Next: read it."],
+         "id": ["Next: identify that file."]}
+
+
+def explore_reflection(env: envs.AutoExplore, best: int, rng: random.Random, detour: str | None) -> str:
+    verb, name = env.commands[best]
+    sentences = []
+    if detour is not None:
+        template = WRONG_UP if detour == "cd .." else WRONG_FILE if detour.startswith("cat ") else WRONG_DIR
+        sentences.append(rng.choice(template))
+    if verb == "id":
+        last_read = env.history[-1] == f"cat {envs.shown(name)}"
+        sentences.append(rng.choice(FOUND if last_read else FOUND_EARLIER))
+        move = "id"
+    else:
+        move = "read" if verb == "cat" else "up" if name == ".." else "down"
+    return " ".join(sentences + [rng.choice(MOVES[move])])
+
+
+def explore_detours(env: envs.AutoExplore) -> list[int]:
+    """A `cat` of a file that is not a target, or a `cd` off every shortest path, when there is
+    still time to recover: a wrong file costs one step, a wrong folder two (there and back)."""
+    left, here = env.horizon - env.steps, env.distance()
+    good = {plan[0] for plan in (env.plan(t) for t in env.task["targets"]) if len(plan) == here}
+    out = []
+    for i, (verb, name) in enumerate(env.commands):
+        cost = {"cat": 1, "cd": 2}.get(verb)
+        if cost and (verb, name) not in good and cost + here <= left:
+            if verb == "cd" or "/".join(env.cwd + (name,)) not in env.task["targets"]:
+                out.append(i)
+    return out
+
+
 # The household teacher reads the walkthrough (TextWorld's, or ALFWorld's expert) at every step.
 OFF_PLAN = [
     "'{move}' is not on the walkthrough: it wasted a step.",
@@ -164,9 +217,10 @@ def household_detours(env: envs.Household) -> list[int]:
     return detours
 
 
-# Each environment's teacher: reflection(env, best, rng, detour) -> text ending in "Next: <action>.",
+# Each environment's teacher: reflection(env, best, rng, detour) -> text ending in "Next: <move>.",
 # and detours(env) -> the wrong but legal actions now, each leaving time to finish within the horizon.
-TEACHERS = {"taxi": (taxi_reflection, taxi_detours), "household": (household_reflection, household_detours)}
+TEACHERS = {"taxi": (taxi_reflection, taxi_detours), "autoexplore": (explore_reflection, explore_detours),
+            "household": (household_reflection, household_detours)}
 
 
 def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, shuffle: bool) -> dict:
@@ -205,6 +259,10 @@ def teacher_run(env_name: str, options: str, split: str, n_episodes: int, neg_pr
     for stage in envs.ENVS[env_name].stages:
         env = envs.make_env(env_name, stage, options=options)
         tasks = env.tasks(split)
+        if not tasks:  # e.g. no deep targets among the validation repositories
+            tqdm.write(f"{env_name} {stage}: no {split} tasks, skipped")
+            bar.update(n_episodes)
+            continue
         for i in range(n_episodes):
             for kind, recs in teacher_episode(env, tasks[i % len(tasks)], i, rng, neg_prob, shuffle).items():
                 records[kind] += recs
@@ -226,10 +284,13 @@ def write_atomic(path: str, text: str):
 
 def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_prob: float, seed: int,
              shuffle_labels: bool = False, env_options: str = "") -> dict:
-    """Write every data file to out_dir and return the metadata (also saved as meta.json)."""
+    """Write every data file to out_dir and return the metadata (also saved as meta.json).
+    episodes=0 and neg_prob=-1 take the environment's defaults."""
     envs.make_env(env_name, options=env_options)  # fails early, with the list of names, on an unknown environment
     if env_name not in TEACHERS:
         raise ValueError(f"data_gen.py has no teacher for '{env_name}' yet")
+    episodes = episodes or ENV_DEFAULTS[env_name]["episodes"]
+    neg_prob = ENV_DEFAULTS[env_name]["neg_prob"] if neg_prob == -1 else neg_prob
     if episodes < 1 or val_episodes < 1:
         raise ValueError("episodes and val_episodes must be at least 1")
     if not 0 <= neg_prob <= 1:

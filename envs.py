@@ -9,7 +9,12 @@ Every environment has the same small interface:
     env.oracle()          -> index of a best action now, from privileged state; used by data_gen.py
                              and the tests, never by the agent
     env.tasks(split)      -> the start tasks of "train", "val" or "test" for the env's stage
+    env.state             -> a JSON-able summary of where the episode is (data_gen.py records it)
+and class attributes: name, stages (the curriculum, in order), default_horizon, context (tokens the
+scratch model's context needs), reward_scale (rl.py trains on reward * reward_scale) and options
+(the "key=value" settings make_env accepts, with their types).
 """
+import ast
 import glob
 import json
 import os
@@ -158,6 +163,8 @@ class DangerousTaxi:
     name = "taxi"
     stages = ("pickup", "dropoff", "full")  # the curriculum, in order
     default_horizon = 15
+    context = 512  # tokens of the scratch model's context: a taxi prompt with its reflection fits
+    reward_scale = 1.0  # rl.py trains on reward * reward_scale; taxi's are already of order 1
     options = {}  # make_env's "key=value" settings and their types: taxi has none
 
     def __init__(self, stage: str = "full", horizon: int = 15):
@@ -246,6 +253,412 @@ class DangerousTaxi:
         # the frame's top and bottom lines carry no information and cost ~10 tokens: leave them out
         return "\n".join("".join(line) for line in grid[1:-1]) + (
             f"\nPassenger: {where}. Destination: {STANDS[dest]}.\nGoal: {goal}")
+
+
+# ----------------------------------------------------------------------------------------------
+# AutoExplore: find the file in a code repository that answers a question, by navigating it with
+# `cd <dir>`, `cd ..`, `cat <file>` and `id <file>`. Everything the agent can do goes through the
+# sandbox functions below: read-only, pure Python, every path resolved and kept inside the root.
+
+SKIP_NAMES = {"__pycache__", ".git", ".hg", ".svn", ".tox", ".venv", ".mypy_cache", ".pytest_cache"}
+SKIP_SUFFIXES = (".pyc", ".pyo")
+MAX_ENTRIES = 30  # a listing shows at most this many entries, so that prompts fit the context
+READ_BYTES = 1 << 20  # a file is read up to this many bytes, whatever its size
+
+
+def shown(name: str) -> str:
+    """A file name as the agent sees it: plain if it is printable ASCII without spaces or quotes,
+    else a JSON string, so spaces, newlines and non-ASCII characters cannot break the text."""
+    plain = name.isascii() and name.isprintable() and not any(c in name for c in " \"'`;,")
+    return name if plain else json.dumps(name)
+
+
+def inside(root: str, path: str) -> bool:
+    """Whether `path`, with every symlink resolved, lies inside `root` (itself a resolved path)."""
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root + os.sep)
+
+
+def list_dir(root: str, rel: tuple) -> tuple[list[str], list[str], int]:
+    """(sub-directories, files, entries not shown) of directory `rel` (a tuple of names under
+    `root`), sorted. Left out: caches and compiled files, symlinked directories (they could loop),
+    and anything that resolves outside the root. Past MAX_ENTRIES the rest is counted, not shown."""
+    path = os.path.join(root, *rel)
+    if not inside(root, path):
+        return [], [], 0
+    dirs, files = [], []
+    try:
+        with os.scandir(path) as it:
+            for entry in it:
+                if entry.name in SKIP_NAMES or entry.name.endswith(SKIP_SUFFIXES):
+                    continue
+                if not inside(root, entry.path):
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        dirs.append(entry.name)
+                    elif entry.is_file():  # follows a symlink, which `inside` has kept in the root
+                        files.append(entry.name)
+                except OSError:
+                    continue
+    except OSError:
+        return [], [], 0
+    dirs.sort()
+    files.sort()
+    extra = max(0, len(dirs) + len(files) - MAX_ENTRIES)
+    files = files[:max(0, MAX_ENTRIES - len(dirs))]
+    return dirs[:MAX_ENTRIES], files, extra
+
+
+def read_text(root: str, rel: tuple, name: str) -> tuple[str | None, str]:
+    """(the file's text, "") or (None, why it cannot be shown). At most READ_BYTES are read."""
+    path = os.path.join(root, *rel, name)
+    if not inside(root, path):
+        return None, "refused: outside the repository"
+    try:
+        with open(path, "rb") as f:
+            data = f.read(READ_BYTES)
+    except OSError as e:
+        return None, f"cannot read: {e.strerror or 'error'}"
+    if b"\0" in data[:4096]:
+        return None, f"binary file, {os.path.getsize(path)} bytes"
+    try:
+        return data.decode("utf-8"), ""
+    except UnicodeDecodeError:
+        return None, f"binary file, {os.path.getsize(path)} bytes"
+
+
+def view(text: str, chars: int) -> str:
+    """What `cat` shows: non-blank lines, each clipped to 100 characters, up to `chars` characters,
+    then a note of how much was left out."""
+    lines = [line.rstrip()[:100] for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "(empty file)"
+    out, used = [], 0
+    for i, line in enumerate(lines):
+        if used + len(line) > chars:
+            return "\n".join(out) + f"\n[... {len(lines) - i} more lines not shown]"
+        out.append(line)
+        used += len(line) + 1
+    return "\n".join(out)
+
+
+def target_depth(task: dict) -> int:
+    """Directories between the root and the nearest target."""
+    return min(t.count("/") for t in task["targets"])
+
+
+def level(task: dict) -> int:
+    """The curriculum level of a task: 0 for a target at depth 0 or 1, 1 at depth 2, 2 deeper."""
+    return min(max(target_depth(task) - 1, 0), 2)
+
+
+# Tasks come from the repository's own content, no language model: one (kind, question, evidence)
+# per fact; a task is kept only if its evidence shows in the `cat` view of a target, so an agent can
+# recognise the answer when it reads it.
+def file_facts(name: str, text: str) -> list[tuple[str, str, str]]:
+    """The facts one file offers: definitions and docstrings of Python code, Markdown headings,
+    CSV columns, JSON keys."""
+    facts = []
+    if name.endswith(".py"):
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError, RecursionError):
+            return []
+        doc = (ast.get_docstring(tree) or "").strip().split("\n")[0]
+        if len(doc.split()) >= 4:
+            facts.append(("module", f'Which module is described as "{doc}"?', doc))
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            if node.name.startswith("__") or len(node.name) < 3:
+                continue
+            if isinstance(node, ast.ClassDef):
+                facts.append(("class", f"Which file defines the class `{node.name}`?", f"class {node.name}"))
+            else:
+                facts.append(("function", f"Which file defines the function `{node.name}`?", f"def {node.name}("))
+            doc = (ast.get_docstring(node) or "").strip().split("\n")[0]
+            if len(doc.split()) >= 4 and node.name not in doc:
+                facts.append(("docstring", f'Which file has the code that does this: "{doc}"?', doc))
+    elif name.endswith((".md", ".markdown")):
+        for line in text.splitlines():
+            heading = line.lstrip("#").strip()
+            if line.startswith("#") and len(heading.split()) >= 2:
+                facts.append(("heading", f'Which document has the section "{heading}"?', line.strip()))
+    elif name.endswith((".csv", ".tsv")):
+        header = text.split("\n", 1)[0].strip()
+        columns = [c.strip() for c in header.split("\t" if name.endswith(".tsv") else ",")]
+        if len(columns) >= 2 and all(columns):
+            facts.append(("table", f"Which file is a table with the columns {', '.join(columns)}?", header))
+    elif name.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return []
+        if isinstance(data, dict) and len(data) >= 2:
+            keys = list(data)[:4]
+            facts.append(("json", f"Which JSON file has the keys {', '.join(map(str, keys))}?", json.dumps(keys[0])))
+    return facts
+
+
+def repo_tasks(root: str, view_chars: int, per_level: int = 120) -> list[dict]:
+    """Up to `per_level` tasks of `root` (a resolved path) per curriculum level, the kinds taken in
+    turn, chosen by a seeded draw. A task's targets are every file with the fact, shown or not."""
+    facts = {}  # question -> {"kind", "evidence", "targets", "seen"}
+    stack = [()]
+    while stack:
+        rel = stack.pop()
+        dirs, files, _ = list_dir(root, rel)
+        stack += [rel + (d,) for d in dirs]
+        for name in files:
+            text, _ = read_text(root, rel, name)
+            if text is None:
+                continue
+            cat_view = view(text, view_chars)
+            for kind, question, evidence in file_facts(name, text):
+                fact = facts.setdefault(question, {"kind": kind, "evidence": evidence, "targets": set(), "seen": False})
+                fact["targets"].add("/".join(rel + (name,)))
+                fact["seen"] |= evidence in cat_view
+    groups = {}  # (level, kind) -> tasks
+    for question in sorted(facts):
+        fact = facts[question]
+        if fact["seen"] and len(fact["targets"]) <= 3:  # a name defined all over the tree asks nothing
+            task = {"repo": root, "question": question, "targets": sorted(fact["targets"]),
+                    "kind": fact["kind"], "evidence": fact["evidence"]}
+            groups.setdefault((level(task), fact["kind"]), []).append(task)
+    rng = random.Random(f"{SPLIT_SEED}/{os.path.basename(root)}")
+    tasks = []
+    for lv in range(3):
+        kinds = [rng.sample(g, len(g)) for (l, _), g in sorted(groups.items()) if l == lv]
+        turns = [g[i] for i in range(max(map(len, kinds), default=0)) for g in kinds if i < len(g)]
+        tasks += turns[:per_level]
+    return tasks
+
+
+def installed_repos(max_files: int = 800) -> list[str]:
+    """The default repositories: source trees of the packages that requirements.txt installs, with
+    what they pull in, found where they are installed; trees of more than `max_files` files (torch,
+    transformers, numpy, sympy) are left out."""
+    from importlib import metadata
+    from packaging.requirements import Requirement
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "requirements.txt")) as f:
+        queue = [Requirement(line.split("#")[0].strip()) for line in f if line.split("#")[0].strip()]
+    seen, roots = set(), set()
+    while queue:
+        req = queue.pop()
+        if req.name.lower() in seen or (req.marker and not req.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(req.name.lower())
+        try:
+            dist = metadata.distribution(req.name)
+        except metadata.PackageNotFoundError:
+            continue
+        queue += [Requirement(r) for r in dist.requires or []]
+        roots |= {os.path.realpath(f.locate().parent) for f in dist.files or []
+                  if len(f.parts) == 2 and f.parts[1] == "__init__.py"}
+    keep = []
+    for root in sorted(roots):
+        stack, n_files = [()], 0
+        while stack and n_files <= max_files:
+            rel = stack.pop()
+            dirs, files, extra = list_dir(root, rel)
+            stack += [rel + (d,) for d in dirs]
+            n_files += len(files) + extra  # what is not shown counts too
+        if n_files <= max_files:
+            keep.append(root)
+    return keep
+
+
+def reachable(root: str, target: str) -> bool:
+    """Whether the agent can reach and read `target` ("a/b.py") through the listings alone."""
+    *rel, name = target.split("/")
+    for i in range(len(rel) + 1):
+        dirs, files, _ = list_dir(root, tuple(rel[:i]))
+        if name not in files if i == len(rel) else rel[i] not in dirs:
+            return False
+    return True
+
+
+def read_task_file(path: str) -> list[dict]:
+    """Tasks written by hand or by a large model: a JSON list of {"repo": directory, "question":
+    text, "targets": [paths relative to repo]} ("target": one path also works)."""
+    try:
+        with open(path) as f:
+            items = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read tasks file {path}: {e}") from None
+    if not isinstance(items, list):
+        raise ValueError(f"tasks file {path}: expected a JSON list of tasks")
+    tasks = []
+    for i, item in enumerate(items):
+        targets = item.get("targets") or [item.get("target")] if isinstance(item, dict) else None
+        if not targets or not all(isinstance(t, str) for t in targets) or not isinstance(item.get("question"), str):
+            raise ValueError(f"tasks file {path}, task {i}: needs \"repo\", \"question\" and \"targets\"")
+        root = os.path.realpath(str(item.get("repo")))
+        if not os.path.isdir(root):
+            raise ValueError(f"tasks file {path}, task {i}: repository {item.get('repo')!r} does not exist")
+        for t in targets:
+            if not reachable(root, t):
+                raise ValueError(f"tasks file {path}, task {i}: target {t!r} is not a file the agent can reach")
+        tasks.append({"repo": root, "question": item["question"], "targets": sorted(targets), "kind": "user",
+                      "evidence": ""})
+    return tasks
+
+
+DEAL = ("train", "test", "train", "train", "test", "train", "val", "train", "test", "train")
+
+
+@lru_cache(maxsize=None)
+def load_tasks(repos: tuple, tasks_file: str, view_chars: int) -> tuple:
+    """Every task with its split, from `tasks_file` or else generated from `repos`. The split is by
+    repository (test repositories are never seen in training); with fewer than three repositories
+    it is by task. The choice and the task counts are printed once."""
+    if tasks_file:
+        tasks = read_task_file(tasks_file)
+    else:
+        tasks = [t for root in repos or installed_repos() for t in repo_tasks(root, view_chars)]
+    if not tasks:
+        raise ValueError("no tasks: the repositories offer no questions (see envs.file_facts)")
+    roots = sorted({t["repo"] for t in tasks})
+    # The few repositories with deep targets are dealt out by their count of them, 6:1:3 in turn,
+    # so that each split gets its share; the others are cut 60/10/30 by a seeded permutation.
+    deep = {r: sum(level(t) > 0 for t in tasks if t["repo"] == r) for r in roots}
+    deep = sorted((r for r in roots if deep[r]), key=lambda r: (-deep[r], r))
+    deals = {r: DEAL[i % len(DEAL)] for i, r in enumerate(deep)}
+    lines = [f"autoexplore: {len(tasks)} tasks from {len(roots)} repositories"]
+    for split in SPLITS:
+        if len(roots) >= 3:
+            members = set(split_tasks([r for r in roots if r not in deals], split))
+            members |= {r for r, s in deals.items() if s == split}
+            part = [t for t in tasks if t["repo"] in members]
+        else:
+            part = split_tasks(tasks, split)
+        for t in part:
+            t["split"] = split
+        levels = [level(t) for t in part]
+        names = ", ".join(sorted({os.path.basename(t["repo"]) for t in part}))
+        lines.append(f"  {split}: {len(part)} tasks ({levels.count(0)} at depth 0-1, {levels.count(1)} at 2, "
+                     f"{levels.count(2)} deeper) from {names}")
+    print("\n".join(lines))
+    return tuple(tasks)
+
+
+class AutoExplore:
+    name = "autoexplore"
+    stages = ("depth1", "depth2", "deeper")  # nearest target at depth 0-1, 2, 3 and more
+    default_horizon = 15
+    context = 1024  # a listing, a file's view and the menu need room
+    options = {"repos": str, "tasks": str, "leave_out": float, "view_chars": int}
+
+    def __init__(self, stage: str = "deeper", horizon: int = 15, repos: str = "", tasks: str = "",
+                 leave_out: float = 0.0, view_chars: int = 400):
+        """repos: directories separated by os.pathsep ("" means the installed packages); tasks: a
+        JSON file of tasks instead; leave_out: chance that an entry unrelated to the targets is left
+        out of a listing, in training tasks only; view_chars: how much of a file `cat` shows."""
+        if stage not in self.stages:
+            raise ValueError(f"unknown stage '{stage}' for {self.name}: choose from {', '.join(self.stages)}")
+        if horizon < 1:
+            raise ValueError(f"horizon must be at least 1, got {horizon}")
+        if not 0 <= leave_out < 1:
+            raise ValueError(f"leave_out must be in [0, 1), got {leave_out}")
+        roots = tuple(os.path.realpath(r) for r in repos.split(os.pathsep) if r)
+        for given, root in zip(filter(None, repos.split(os.pathsep)), roots):
+            if not os.path.isdir(root):
+                raise ValueError(f"repository path does not exist: {given}")
+        if tasks and not os.path.isfile(tasks):
+            raise ValueError(f"tasks file does not exist: {tasks}")
+        self.stage, self.horizon, self.leave_out, self.view_chars = stage, horizon, leave_out, view_chars
+        self.source = (roots, tasks, view_chars)
+        self.reward_scale = 1 / horizon  # rl.py trains on reward * reward_scale, of order 1
+        self.task, self.steps, self.done, self.observation, self.actions = None, 0, True, "", []
+
+    def tasks(self, split: str) -> list[dict]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split '{split}': choose from {', '.join(SPLITS)}")
+        stage = self.stages.index(self.stage)
+        return [t for t in load_tasks(*self.source) if t["split"] == split and level(t) == stage
+                and target_depth(t) + 2 <= self.horizon]
+
+    def reset(self, task: dict, seed: int | None = None) -> str:
+        self.task, self.root = task, task["repo"]
+        self.seed = seed if seed is not None else 0
+        self.cwd, self.read, self.history, self.result = (), set(), [], "(nothing yet)"
+        self.steps, self.done = 0, False
+        # the targets and the directories above them are never left out of a listing
+        self.keep = {tuple(t.split("/")[:i]) for t in task["targets"] for i in range(1, t.count("/") + 2)}
+        self.refresh()
+        return self.observation
+
+    def listing(self, rel: tuple) -> tuple[list[str], list[str], int]:
+        dirs, files, extra = list_dir(self.root, rel)
+        if self.leave_out and self.task.get("split") == "train":
+            def kept(name):
+                path = rel + (name,)
+                return path in self.keep or random.Random(f"{self.seed}/{path}").random() >= self.leave_out
+            dirs, files = list(filter(kept, dirs)), list(filter(kept, files))
+        return dirs, files, extra
+
+    def refresh(self):
+        """Recompute the admissible commands and the observation text."""
+        dirs, files, extra = self.listing(self.cwd)
+        self.commands = ([("cd", "..")] if self.cwd else []) + [("cd", d) for d in dirs] + \
+            [("cat", f) for f in files if self.cwd + (f,) not in self.read] + \
+            [("id", f) for f in files if self.cwd + (f,) in self.read]
+        self.actions = [f"{verb} {name if name == '..' else shown(name)}" for verb, name in self.commands]
+        here = " ".join([shown(d) + "/" for d in dirs] + [shown(f) for f in files]) or "(empty)"
+        self.state = "/".join(self.cwd)
+        self.observation = (f"Task: {self.task['question']}\n"
+                            f"Directory: {'/'.join((os.path.basename(self.root),) + self.cwd)}/\n"
+                            f"Here: {here}" + (f" (+{extra} more not shown)" if extra else "") + "\n"
+                            f"History: {'; '.join(self.history[-4:]) or '(none)'}\n"
+                            f"Result: {self.result}")
+
+    def step(self, i: int) -> tuple[float, bool, dict]:
+        if self.done:
+            raise RuntimeError("the episode is over: call reset() first")
+        if not 0 <= i < len(self.actions):
+            raise ValueError(f"action index {i} out of range 0..{len(self.actions) - 1}")
+        (verb, name), cost, success = self.commands[i], 1.0, False
+        if verb == "cd" and name == "..":
+            self.cwd, self.result = self.cwd[:-1], "moved up"
+        elif verb == "cd":
+            if os.access(os.path.join(self.root, *self.cwd, name), os.R_OK | os.X_OK):
+                self.cwd, self.result = self.cwd + (name,), f"moved into {shown(name)}/"
+            else:
+                cost, self.result = cost + 1, f"error: cannot open {shown(name)}/"
+        elif verb == "cat":
+            self.read.add(self.cwd + (name,))
+            text, why = read_text(self.root, self.cwd, name)
+            # an unreadable file is an error; a binary one, a warning
+            cost += 0 if text is not None else 0.5 if why.startswith("binary") else 1
+            self.result = view(text, self.view_chars) if text is not None else f"{'warning' if cost < 2 else 'error'}: {why}"
+        else:
+            success = "/".join(self.cwd + (name,)) in self.task["targets"]
+            self.result = "correct" if success else "wrong file"
+        self.history.append(self.actions[i])
+        self.steps += 1
+        reward = -cost + (self.horizon if success else -self.horizon if verb == "id" else 0)
+        self.done = verb == "id" or self.steps >= self.horizon
+        self.refresh()
+        return reward, self.done, {"success": success, "dangerous": False}
+
+    def plan(self, target: str) -> list[tuple[str, str]]:
+        """The shortest command sequence from here to identifying `target`."""
+        *tdir, name = target.split("/")
+        common = 0
+        while common < min(len(self.cwd), len(tdir)) and self.cwd[common] == tdir[common]:
+            common += 1
+        read = [] if tuple(tdir) + (name,) in self.read else [("cat", name)]
+        return [("cd", "..")] * (len(self.cwd) - common) + [("cd", d) for d in tdir[common:]] + read + [("id", name)]
+
+    def distance(self) -> int:
+        return min(len(self.plan(t)) for t in self.task["targets"])
+
+    def oracle(self) -> int:
+        """The first command of a shortest plan to the nearest target (ties: the first in order)."""
+        plan = min((self.plan(t) for t in self.task["targets"]), key=len)
+        return self.commands.index(plan[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,6 +751,8 @@ class Household:
     name = "household"
     stages = ("len1", "len2", "full")  # quests of 1 step, 2 steps, 3 or more (see household_game_kind)
     default_horizon = 15
+    context = 512  # a goal, a room, the history and up to ~25 commands fit
+    reward_scale = 1.0  # rewards are already the score change over the maximum score
     # make_env's "key=value" settings: where generated games are cached, how many per stage
     # (cut 60/10/30 into train/val/test), ALFWorld's data directory (plays its games instead), and
     # max_steps, the horizon for the scripts that have no --horizon flag (0: keep the given horizon)
@@ -501,7 +916,7 @@ class Household:
         return inform7.gen_commands_from_actions(progression.winning_policy)
 
 
-ENVS = {"taxi": DangerousTaxi, "household": Household}
+ENVS = {"taxi": DangerousTaxi, "autoexplore": AutoExplore, "household": Household}
 
 
 def make_env(name: str, stage: str | None = None, horizon: int | None = None, options: str = ""):

@@ -184,7 +184,7 @@ def rollout(envs, tasks, policy, tok, refl, rtok, gen):
         for k, i in enumerate(live):
             reward, done, info = envs[i].step(actions[k])
             steps[i].append((prompts[k], label_ids[k], actions[k], logp[k, actions[k]].item(), value[k].item(),
-                             reward, float(done)))
+                             reward * envs[i].reward_scale, float(done)))  # PPO sees rewards of order 1
             s = stats[i]
             s["ret"] += reward
             s["steps"] += 1
@@ -275,11 +275,15 @@ if __name__ == "__main__":
     policy_from = policy_from or os.path.join(out_dir, ("sft_plain" if no_reflection else "sft_policy") + ("" if negatives else "_pos"))
     reflection_from = "" if no_reflection else (reflection_from or os.path.join(out_dir, "sft_reflection" + suffix))
     stages = list(ENVS[env].stages) if curriculum else [stage or ENVS[env].stages[-1]]
-    try:
-        for s in stages:
-            make_env(env, s, options=env_options)  # an unknown stage or option fails here, before any work
+    try:  # an unknown stage or option fails here, before any work; a stage with no training tasks is skipped
+        trainable = [s for s in stages if make_env(env, s, horizon or None, env_options).tasks("train")]
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if not trainable:
+        raise SystemExit(f"error: no training tasks in stage(s) {', '.join(stages)} of {env}")
+    if trainable != stages:
+        print(f"rl: no training tasks in stage(s) {', '.join(s for s in stages if s not in trainable)}, skipped")
+        stages = trainable
     share = total_iters // len(stages)  # the fixed schedule's default: equal shares, the rest to the last stage
     fixed = [int(x) for x in stage_iters.split(",")] if stage_iters else \
         [share] * (len(stages) - 1) + [total_iters - share * (len(stages) - 1)]

@@ -39,7 +39,7 @@ init_from = "scratch"  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gp
 n_layer = 4
 n_head = 4
 n_embd = 128
-block_size = 512
+block_size = 0  # 0 means the environment's context size, envs.ENVS[env].context
 vocab_size = 2048  # of the byte-level BPE trained on the data, for scratch
 dropout = 0.0
 # LoRA (0 = full fine-tuning; the default for scratch, where there is no base worth keeping)
@@ -47,8 +47,10 @@ lora_r = 0
 lora_alpha = 16.0
 lora_targets = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
 # optimisation
-max_iters = 0  # per role; 0 means the role's own default in ROLE_ITERS
+max_iters = 0  # per role; 0 means the environment's default for the role in ROLE_ITERS
 batch_size = 32
+bucket = 0  # draw bucket * batch_size records, train on a batch of them of similar length (less
+            # padding); 1 draws the batch directly; 0 means the environment's default in BUCKET
 learning_rate = 2e-3  # peak, after warm-up; cosine decay to a tenth
 warmup_iters = 100
 weight_decay = 0.1
@@ -64,7 +66,11 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 # 600 iterations the reflection still named a non-shortest move in 5% of states (0.4% after 1500,
 # by a one-off check on every taxi state, sampled at temperature 0.7);
 # the policy with reflection only copies the reflection's last sentence and is at 99% after 250.
-ROLE_ITERS = {"reflection": 1200, "policy": 300, "plain": 1200}
+# On AutoExplore, prompts are longer and their lengths vary from 60 to 1000 tokens.
+ROLE_ITERS = {"taxi": {"reflection": 1200, "policy": 300, "plain": 1200},
+              "autoexplore": {"reflection": 600, "policy": 300, "plain": 600},
+              "household": {"reflection": 600, "policy": 300, "plain": 600}}  # household: not tuned yet
+BUCKET = {"taxi": 1, "autoexplore": 8, "household": 8}  # taxi prompts all have about the same length
 
 
 def parse_args(argv):
@@ -154,7 +160,7 @@ def get_tokenizer(init):
 
 
 def train(the_role):
-    iters = max_iters or ROLE_ITERS[the_role]
+    iters = max_iters or ROLE_ITERS[env][the_role]
     suffix = "" if negatives else "_pos"
     ckpt_dir = os.path.join(out_dir, f"sft_{the_role}{suffix}")
     log_path = os.path.join(ckpt_dir, "log.jsonl")
@@ -229,7 +235,12 @@ def train(the_role):
     for it in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it)
-        x, y = get_batch(data["train"], random.sample(range(len(data["train"])), min(batch_size, len(data["train"]))), eos_id)
+        idxs = random.sample(range(len(data["train"])), min(batch_size * bucket, len(data["train"])))
+        if bucket > 1:  # a random batch-sized slice of the records sorted by length
+            idxs.sort(key=lambda i: len(data["train"][i][0]))
+            k = random.randrange(max(1, len(idxs) // batch_size))
+            idxs = idxs[k * batch_size:(k + 1) * batch_size]
+        x, y = get_batch(data["train"], idxs, eos_id)
         with autocast:
             loss, _ = sft_loss(model, x.to(dev), y.to(dev))
         optimizer.zero_grad(set_to_none=True)
@@ -266,6 +277,8 @@ if __name__ == "__main__":
         raise SystemExit(f"error: unknown role {role!r}: choose from {', '.join(roles)}")
     data_dir = data_dir or os.path.join("data", env)
     out_dir = out_dir or os.path.join("out", env)
+    block_size = block_size or ENVS[env].context
+    bucket = bucket or BUCKET[env]
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dev = device or pick_device()
     if world > 1:
