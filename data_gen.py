@@ -15,10 +15,12 @@ Files written to out_dir, for split in train and val:
     *_pos_{split}.jsonl        the same three from separate runs without negative examples (ablation)
     meta.json                  the config, record counts, and the time it took
 Each record: {"prompt", "completion", "stage", "negative", "state"}; "state" is the environment's
-state number, so a test can check every target against the oracle.
+state (taxi: the state number; household: the game file and the commands played), so a test can
+check every target against the oracle.
 
     python data_gen.py                      # defaults below, about 2 s on a laptop
     python data_gen.py --episodes=2000 --neg_prob=0.3 --shuffle_labels=true
+    python data_gen.py --env=household      # generates the household games first (once, see README)
 """
 import json
 import os
@@ -48,7 +50,8 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_")
 # AutoExplore needs more episodes (its tasks are many and varied) and more detours: without them
 # nearly every `cat` in the data is of the answer, and the models learn to identify whatever they
 # have just read.
-ENV_DEFAULTS = {"taxi": {"episodes": 400, "neg_prob": 0.15}, "autoexplore": {"episodes": 1200, "neg_prob": 0.5}}
+ENV_DEFAULTS = {"taxi": {"episodes": 400, "neg_prob": 0.15}, "autoexplore": {"episodes": 1200, "neg_prob": 0.5},
+                "household": {"episodes": 400, "neg_prob": 0.15}}
 
 # Reflection templates, one list per sentence of the chain of thought: where the taxi is, where the
 # target is, the wall that matters, then the move and why. Several phrasings of each, so the model
@@ -177,9 +180,47 @@ def explore_detours(env: envs.AutoExplore) -> list[int]:
     return out
 
 
+# The household teacher reads the walkthrough (TextWorld's, or ALFWorld's expert) at every step.
+OFF_PLAN = [
+    "'{move}' is not on the walkthrough: it wasted a step.",
+    "The last command, '{move}', was a detour; it did not bring the goal closer.",
+    "Doing '{move}' was a mistake: the walkthrough did not ask for it.",
+]
+PLAN = ["The walkthrough has {n} step{s} left: {steps}.", "{n} step{s} to go: {steps}.",
+        "Remaining plan ({n} step{s}): {steps}."]
+PLAN_SHOWN = 3  # walkthrough steps named in a reflection; the rest are counted
+
+
+def household_reflection(env: envs.Household, best: int, rng: random.Random, detour: str | None) -> str:
+    """What went wrong (after a detour), what the walkthrough says is left, then its next command."""
+    plan = env.walkthrough()
+    assert plan[0] == env.actions[best]
+    sentences = [] if detour is None else [rng.choice(OFF_PLAN).format(move=detour)]
+    steps = ", then ".join(plan[:PLAN_SHOWN]) + (", ..." if len(plan) > PLAN_SHOWN else "")
+    sentences.append(rng.choice(PLAN).format(n=len(plan), s="" if len(plan) == 1 else "s", steps=steps))
+    sentences.append(f"Next: {env.actions[best]}.")
+    return " ".join(sentences)
+
+
+def household_detours(env: envs.Household) -> list[int]:
+    """Admissible commands off the walkthrough that waste at least a step but do not lose the game,
+    and still leave time to win within the horizon."""
+    plan = env.walkthrough()
+    steps_left = env.horizon - env.steps
+    detours = []
+    for i, command in enumerate(env.actions):
+        if command == plan[0]:
+            continue
+        after = env.walkthrough_after(i)
+        if after is not None and len(after) >= len(plan) and 1 + len(after) <= steps_left:
+            detours.append(i)
+    return detours
+
+
 # Each environment's teacher: reflection(env, best, rng, detour) -> text ending in "Next: <move>.",
 # and detours(env) -> the wrong but legal actions now, each leaving time to finish within the horizon.
-TEACHERS = {"taxi": (taxi_reflection, taxi_detours), "autoexplore": (explore_reflection, explore_detours)}
+TEACHERS = {"taxi": (taxi_reflection, taxi_detours), "autoexplore": (explore_reflection, explore_detours),
+            "household": (household_reflection, household_detours)}
 
 
 def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, shuffle: bool) -> dict:
@@ -276,7 +317,7 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
                    "neg_prob": neg_prob, "shuffle_labels": shuffle_labels, "seed": seed,
                    "env_options": env_options},
         "stages": list(envs.ENVS[env_name].stages),
-        "horizon": envs.ENVS[env_name].default_horizon,
+        "horizon": envs.make_env(env_name, options=env_options).horizon,
         "counts": {name: len(recs) for name, recs in files.items()},
         "negative_counts": {name: sum(r["negative"] for r in recs) for name, recs in files.items()},
         "seconds": round(time.time() - t0, 2),

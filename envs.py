@@ -15,9 +15,11 @@ scratch model's context needs), reward_scale (rl.py trains on reward * reward_sc
 (the "key=value" settings make_env accepts, with their types).
 """
 import ast
+import glob
 import json
 import os
 import random
+import warnings
 from functools import lru_cache
 
 # ----------------------------------------------------------------------------------------------
@@ -659,7 +661,262 @@ class AutoExplore:
         return self.commands.index(plan[0])
 
 
-ENVS = {"taxi": DangerousTaxi, "autoexplore": AutoExplore}
+# ----------------------------------------------------------------------------------------------
+# Household: text household games on TextWorld, the engine ALFWorld is built on. Games are made by
+# TextWorld's own generator (simple quests and cooking quests), reproducibly by seed, and cached;
+# the same class plays ALFWorld's own game files (game.tw-pddl) when a user has them. textworld and
+# alfworld are imported only here, inside functions, so taxi users never need them.
+
+INFO_COMMANDS = {"look", "inventory", "help"}  # they only show what every observation already shows
+TEXT_LIMITS = {"Goal": 320, "Here": 360, "Carrying": 120, "Feedback": 200}  # characters per section
+HISTORY = 4  # commands shown in the observation's history
+
+
+def clean_text(text: str, limit: int) -> str:
+    """Game text without banners, ASCII art, prompts and end-of-game boilerplate, whitespace
+    collapsed, cut at `limit` characters with a visible " [...]"."""
+    kept = []
+    for line in text.splitlines():
+        line = line.strip()
+        glyphs = line.replace(" ", "")
+        if not glyphs or line.startswith((">", "***", "Would you like to RESTART", "You scored ")):
+            continue
+        if sum(c.isalpha() for c in glyphs) < len(glyphs) / 2:  # ASCII art: mostly $ \ | _ / and the like
+            continue
+        kept.append(line)
+    text = " ".join(" ".join(kept).split())
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " [...]"
+    return text
+
+
+def household_game_kind(stage: str, index: int) -> tuple[str, int]:
+    """Which generator makes game `index` of `stage`: ("simple", quest length) or ("cooking", rooms).
+    Stage len1 and len2 are simple quests of one and two steps (TextWorld's quest length: now and then
+    a walkthrough is shorter); full alternates simple quests of three steps with cooking quests in one
+    kitchen or six rooms (walkthroughs of 3 to about 9 steps)."""
+    if stage != "full":
+        return "simple", 1 if stage == "len1" else 2
+    return ("simple", 3) if index % 2 == 0 else ("cooking", 1 if index % 4 == 1 else 6)
+
+
+def make_household_game(path: str, stage: str, index: int, split: str) -> None:
+    """Generate and compile one game into path (.z8, plus TextWorld's .json beside it). The seed
+    is fixed by stage and index; cooking games of the val and test splits use TextWorld's own held-out
+    foods and preparations. Files appear only when complete (written aside, then renamed)."""
+    import shutil
+    import tempfile
+    import textworld
+    from textworld.challenges.tw_cooking import cooking
+
+    kind, size = household_game_kind(stage, index)
+    options = textworld.GameOptions()
+    options.seeds = SPLIT_SEED + 1000 * Household.stages.index(stage) + index
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path))
+    options.path = os.path.join(tmp, "game.z8")
+    if kind == "simple":
+        options.nb_rooms, options.nb_objects, options.quest_length = 2, 5, size
+        game = textworld.generator.make_game(options)
+    else:
+        settings = {"recipe": 1, "take": 1, "go": size, "open": True, "cook": False, "cut": False,
+                    "drop": False, "recipe_seed": index + 1, "split": {"val": "valid"}.get(split, split)}
+        game = cooking.make(settings, options)
+    textworld.generator.compile_game(game, options)
+    base = os.path.splitext(path)[0]
+    os.replace(os.path.join(tmp, "game.json"), base + ".json")  # the .json first: a .z8 means both exist
+    os.replace(os.path.join(tmp, "game.z8"), base + ".z8")
+    shutil.rmtree(tmp)
+
+
+def household_games(games_dir: str, n_games: int) -> dict[str, list[str]]:
+    """The paths of the n_games games of each stage, in games_dir/<stage>/. Missing games (of every
+    stage at once) are generated in parallel, with a progress bar; a second call finds them there."""
+    from concurrent.futures import ProcessPoolExecutor
+    from tqdm import tqdm
+
+    paths = {s: [os.path.join(games_dir, s, f"{i:04d}.z8") for i in range(n_games)] for s in Household.stages}
+    split_of = {i: split for split in SPLITS for i in split_tasks(list(range(n_games)), split)}
+    jobs = [(p, s, i, split_of[i]) for s in paths for i, p in enumerate(paths[s]) if not os.path.isfile(p)]
+    if jobs:
+        for s in paths:
+            os.makedirs(os.path.join(games_dir, s), exist_ok=True)
+        with ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+            for _ in tqdm(pool.map(make_household_game, *zip(*jobs)), total=len(jobs),
+                          desc=f"generating household games into {games_dir}"):
+                pass
+    return paths
+
+
+class Household:
+    name = "household"
+    stages = ("len1", "len2", "full")  # quests of 1 step, 2 steps, 3 or more (see household_game_kind)
+    default_horizon = 15
+    context = 512  # a goal, a room, the history and up to ~25 commands fit
+    reward_scale = 1.0  # rewards are already the score change over the maximum score
+    # make_env's "key=value" settings: where generated games are cached, how many per stage
+    # (cut 60/10/30 into train/val/test), ALFWorld's data directory (plays its games instead), and
+    # max_steps, the horizon for the scripts that have no --horizon flag (0: keep the given horizon)
+    options = {"games_dir": str, "n_games": int, "alfworld": str, "max_steps": int}
+
+    def __init__(self, stage: str = "full", horizon: int = 15, games_dir: str = "data/household/games",
+                 n_games: int = 100, alfworld: str = "", max_steps: int = 0):
+        if stage not in self.stages:
+            raise ValueError(f"unknown stage '{stage}' for {self.name}: choose from {', '.join(self.stages)}")
+        horizon = max_steps or horizon
+        if horizon < 1:
+            raise ValueError(f"horizon must be at least 1, got {horizon}")
+        if n_games < 3:
+            raise ValueError(f"n_games must be at least 3 (train, val and test games), got {n_games}")
+        if alfworld and not os.path.isdir(alfworld):
+            raise ValueError(f"ALFWorld data directory '{alfworld}' does not exist (see the README)")
+        self.stage, self.horizon = stage, horizon
+        self.games_dir, self.n_games, self.alfworld = games_dir, n_games, alfworld
+        self.actions, self.observation, self.steps, self.done = [], "", 0, True
+        self.task, self._env, self._game_path, self._game_state, self._split_cache = None, None, None, None, {}
+        self._inform7 = (None, None)  # (TextWorld game, its command writer), for walkthrough_after
+
+    # -- tasks: game files ---------------------------------------------------------------------
+    def tasks(self, split: str) -> list[str]:
+        """Game files of this stage in `split` whose walkthrough fits in the horizon. ALFWorld data
+        keeps its own splits: train, valid_seen (val) and valid_unseen (test), where it has them."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split '{split}': choose from {', '.join(SPLITS)}")
+        if split not in self._split_cache:
+            if self.alfworld:
+                every = sorted(g for g in glob.glob(os.path.join(self.alfworld, "**", "game.tw-pddl"), recursive=True)
+                               if "movable" not in g and "Sliced" not in g)  # left out by ALFWorld's text env too
+                folder = {"train": "train", "val": "valid_seen", "test": "valid_unseen"}[split]
+                games = [g for g in every if f"{os.sep}{folder}{os.sep}" in g]
+                if not any(f"{os.sep}{f}{os.sep}" in g for g in every for f in ("train", "valid_seen", "valid_unseen")):
+                    games = split_tasks(every, split)  # not ALFWorld's layout: our own 60/10/30 cut
+            else:
+                games = split_tasks(household_games(self.games_dir, self.n_games)[self.stage], split)
+            self._split_cache[split] = [g for g in games if self._walkthrough_fits(g)]
+        return self._split_cache[split]
+
+    def _walkthrough_fits(self, path: str) -> bool:
+        with open(os.path.splitext(path)[0] + ".json" if path.endswith(".z8") else path) as f:
+            data = json.load(f)
+        if data.get("solvable") is False:  # ALFWorld marks the games its planner could not solve
+            return False
+        walkthrough = data.get("metadata", data).get("walkthrough")
+        return walkthrough is None or self.stage != "full" or len(walkthrough) <= self.horizon
+
+    # -- playing -------------------------------------------------------------------------------
+    def _load(self, path: str):
+        import textworld
+        infos = textworld.EnvInfos(objective=True, description=True, inventory=True, admissible_commands=True,
+                                   policy_commands=True, won=True, lost=True, score=True, max_score=True,
+                                   facts=path.endswith(".tw-pddl"), extras=["expert_plan"])
+        wrappers = []
+        if path.endswith(".tw-pddl"):  # ALFWorld: its object names and its expert (the PDDL planner)
+            from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredExpert
+            wrappers = [AlfredDemangler(), AlfredExpert(expert_type="planner")]
+        with warnings.catch_warnings():  # jericho warns that it cannot detect TextWorld's score: we read it
+            warnings.simplefilter("ignore")
+            return textworld.start(path, infos, wrappers=wrappers)
+
+    def reset(self, task: str, seed: int | None = None) -> str:
+        """Start game file `task`. The games are deterministic, so `seed` is unused. On ALFWorld
+        games the stages len1 and len2 start where the expert has one or two steps left to play."""
+        if task != self._game_path:  # a new game: load it (the same game again is only reset)
+            if self._env is not None:
+                self._env.close()
+            self._env, self._game_path = self._load(task), task
+        self.task, self._commands, self.steps, self.done = task, [], 0, False
+        self._game_state = self._env.reset()
+        self._intro = self._game_state.feedback
+        if task.endswith(".tw-pddl") and self.stage != "full":
+            keep = self.stages.index(self.stage) + 1
+            while len(self.walkthrough()) > keep:
+                self._play(self.walkthrough()[0])
+        self._history, self._feedback = [], None
+        self._update()
+        return self.observation
+
+    def _play(self, command: str) -> float:
+        before = self._game_state.get("score") or 0  # ALFWorld's games have a score only after a step
+        self._game_state, _, _ = self._env.step(command)
+        self._commands.append(command)
+        return (self._game_state.get("score") or 0) - before
+
+    def step(self, i: int) -> tuple[float, bool, dict]:
+        if self.done:
+            raise RuntimeError("the episode is over: call reset() first")
+        if not 0 <= i < len(self.actions):
+            raise ValueError(f"action index {i} out of range 0..{len(self.actions) - 1}")
+        command = self.actions[i]
+        gained = self._play(command)
+        self._history.append(command)
+        self._feedback = self._game_state.feedback
+        self.steps += 1
+        success = bool(self._game_state["won"])
+        self.done = success or bool(self._game_state["lost"]) or self.steps >= self.horizon
+        self._update()
+        # the score change, scaled so that winning a game adds up to 1 (ALFWorld: 1 for the win)
+        reward = gained / (self._game_state.get("max_score") or 1)
+        return reward, self.done, {"success": success, "dangerous": False, "lost": bool(self._game_state["lost"])}
+
+    def _update(self):
+        """The action list and the observation text of the current game state."""
+        state = self._game_state
+        actions = [c for c in state["admissible_commands"] if c not in INFO_COMMANDS]
+        if len(actions) > len(LABELS):  # too many for one-token labels: the inspections go first
+            actions = [c for c in actions if not c.startswith("examine ")]
+        if len(actions) > len(LABELS):
+            raise ValueError(f"{self.task}: {len(actions)} actions now, more than the {len(LABELS)} labels")
+        self.actions = actions
+        if self.task.endswith(".tw-pddl"):  # ALFWorld: the intro has the room and the task
+            scene, _, goal = self._intro.partition("Your task is to:")
+            sections = {"Goal": goal, "Here": scene.split("=-", 2)[-1], "Carrying": None}
+        else:
+            sections = {"Goal": state["objective"], "Here": state["description"], "Carrying": state["inventory"]}
+        sections = {k: None if v is None else clean_text(v, TEXT_LIMITS[k]) for k, v in sections.items()}
+        sections["History"] = "; ".join(self._history[-HISTORY:]) or "none yet"
+        feedback = self._feedback and clean_text(self._feedback, TEXT_LIMITS["Feedback"])
+        # after a move the feedback is the new room's description, already shown under Here
+        sections["Feedback"] = "(the room above)" if feedback and feedback[:40] == sections["Here"][:40] else feedback
+        self.observation = "\n".join(f"{k}: {v}" for k, v in sections.items() if v is not None)
+
+    @property
+    def state(self) -> dict:
+        """JSON-able: the game and the commands played, which replay the state exactly."""
+        return {"game": self.task, "commands": list(self._commands)}
+
+    # -- privileged: the oracle ------------------------------------------------------------------
+    def walkthrough(self) -> list[str]:
+        """The commands that win from here: TextWorld's walkthrough (policy_commands) on generated
+        games, ALFWorld's expert (its PDDL planner) on ALFWorld's."""
+        return list(self._game_state["extra.expert_plan" if self.task.endswith(".tw-pddl") else "policy_commands"])
+
+    def oracle(self) -> int:
+        """The index of the walkthrough's next command."""
+        return self.actions.index(self.walkthrough()[0])
+
+    def walkthrough_after(self, i: int) -> list[str] | None:
+        """The walkthrough after action i, or None if action i loses the game. Generated games are
+        simulated on a copy of TextWorld's logic state; ALFWorld games are replayed on a second copy."""
+        command = self.actions[i]
+        if self.task.endswith(".tw-pddl"):
+            sim = self._load(self.task)
+            sim.reset()
+            for c in self._commands + [command]:
+                state, _, _ = sim.step(c)
+            sim.close()
+            return list(state["extra.expert_plan"])
+        from textworld.generator.inform7 import Inform7Game
+        if self._inform7[0] is not self._game_state["game"]:
+            self._inform7 = (self._game_state["game"], Inform7Game(self._game_state["game"]))
+        inform7 = self._inform7[1]
+        valid = self._game_state["_valid_actions"]
+        progression = self._game_state["_game_progression"].copy()
+        progression.update(valid[inform7.gen_commands_from_actions(valid).index(command)])
+        if progression.failed or progression.winning_policy is None:
+            return None
+        return inform7.gen_commands_from_actions(progression.winning_policy)
+
+
+ENVS = {"taxi": DangerousTaxi, "autoexplore": AutoExplore, "household": Household}
 
 
 def make_env(name: str, stage: str | None = None, horizon: int | None = None, options: str = ""):

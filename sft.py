@@ -68,8 +68,9 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 # the policy with reflection only copies the reflection's last sentence and is at 99% after 250.
 # On AutoExplore, prompts are longer and their lengths vary from 60 to 1000 tokens.
 ROLE_ITERS = {"taxi": {"reflection": 1200, "policy": 300, "plain": 1200},
-              "autoexplore": {"reflection": 600, "policy": 300, "plain": 600}}
-BUCKET = {"taxi": 1, "autoexplore": 8}  # taxi prompts all have about the same length
+              "autoexplore": {"reflection": 600, "policy": 300, "plain": 600},
+              "household": {"reflection": 600, "policy": 300, "plain": 600}}  # household: not tuned yet
+BUCKET = {"taxi": 1, "autoexplore": 8, "household": 8}  # taxi prompts all have about the same length
 
 
 def parse_args(argv):

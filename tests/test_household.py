@@ -1,0 +1,213 @@
+"""Household: game generation by seed and disjoint splits, the walkthrough oracle on every game,
+observation cleaning, an ALFWorld-format game won by ALFWorld's expert, the teacher's data, and a
+tiny end-to-end run of every stage (data_gen -> sft -> rl -> eval) in subprocesses."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import envs  # noqa: E402
+
+N_GAMES = 10  # per stage: 6 train, 1 val, 3 test
+
+
+@pytest.fixture(scope="module")
+def games(tmp_path_factory):
+    """The options string of a small cache of generated games, made once for every test here."""
+    games_dir = str(tmp_path_factory.mktemp("games"))
+    envs.household_games(games_dir, N_GAMES)
+    return f"games_dir={games_dir},n_games={N_GAMES}"
+
+
+def play_oracle(env, task):
+    env.reset(task)
+    total, done = 0.0, False
+    while not done:
+        reward, done, info = env.step(env.oracle())
+        total += reward
+    return total, info
+
+
+def test_generation_by_seed_and_disjoint_splits(games, tmp_path):
+    games_dir = games.split(",")[0].split("=")[1]
+    for stage in envs.Household.stages:
+        env = envs.make_env("household", stage, options=games)
+        splits = [set(env.tasks(split)) for split in envs.SPLITS]
+        assert [len(s) for s in splits] == [6, 1, 3]
+        assert set().union(*splits) == {os.path.join(games_dir, stage, f"{i:04d}.z8") for i in range(N_GAMES)}
+    # a game made again from its stage and index is the same game (TextWorld's .json holds all of it)
+    split_of = {i: split for split in envs.SPLITS for i in envs.split_tasks(list(range(N_GAMES)), split)}
+    for stage, index, kind in (("len2", 0, "simple"), ("full", 1, "cooking")):
+        assert envs.household_game_kind(stage, index)[0] == kind
+        envs.make_household_game(str(tmp_path / f"{stage}.z8"), stage, index, split_of[index])
+        with open(os.path.join(games_dir, stage, f"{index:04d}.json")) as a, open(tmp_path / f"{stage}.json") as b:
+            assert json.load(a) == json.load(b)
+    # the cache is found again: nothing is generated, so this is instant
+    before = os.path.getmtime(os.path.join(games_dir, "len1", "0000.z8"))
+    envs.household_games(games_dir, N_GAMES)
+    assert os.path.getmtime(os.path.join(games_dir, "len1", "0000.z8")) == before
+
+
+@pytest.mark.parametrize("stage", envs.Household.stages)
+def test_walkthrough_oracle_wins_every_game(games, stage):
+    env = envs.make_env("household", stage, options=games)
+    lengths = []
+    for split in envs.SPLITS:
+        for task in env.tasks(split):
+            total, info = play_oracle(env, task)
+            assert info["success"] and not info["dangerous"] and env.steps <= env.horizon, (task, env.steps)
+            assert abs(total - 1.0) < 1e-9  # the score changes add up to the whole score, scaled to 1
+            lengths.append(env.steps)
+    assert max(lengths) <= {"len1": 1, "len2": 2, "full": env.horizon}[stage]
+    if stage == "full":
+        assert min(lengths) >= 3
+
+
+def test_observation_cleaning_and_truncation(games):
+    raw = ("\n\n   ________  ________\n  |        \\|        \\\n   \\$$$$$$$$| $$$$$$$$\n\n"
+           "Welcome to TextWorld! Find the key.\n\n-= Attic =-\nA dusty attic.\n\n"
+           ">  -= Attic =-0/3\n*** The End ***\nYou scored 1 out of a possible 1, in 4 turns.\n"
+           "Would you like to RESTART, RESTORE a saved game, QUIT or UNDO the last command?\n>")
+    assert envs.clean_text(raw, 200) == "Welcome to TextWorld! Find the key. -= Attic =- A dusty attic."
+    assert envs.clean_text("one two three four", 12) == "one two [...]"
+    assert envs.clean_text("short", 12) == "short"
+
+    env = envs.make_env("household", "full", options=games)
+    obs = env.reset(env.tasks("test")[0])
+    lines = obs.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["Goal", "Here", "Carrying", "History"]
+    assert lines[3] == "History: none yet" and "$$" not in obs and ">" not in obs
+    for line in lines[:3]:
+        key, text = line.split(": ", 1)
+        assert len(text) <= envs.TEXT_LIMITS[key] + len(" [...]")
+    assert not set(env.actions) & envs.INFO_COMMANDS and len(env.actions) <= len(envs.LABELS)
+    env.step(env.oracle())
+    assert env.observation.splitlines()[3] == f"History: {env.state['commands'][0]}"
+    assert env.observation.splitlines()[4].startswith("Feedback: ")
+
+
+# An ALFWorld-format game written for this test from the PDDL domain and grammar that the alfworld
+# package ships: a tomato on a countertop, a closed microwave; the goal is the tomato in the microwave.
+TOMATO_PROBLEM = """(define (problem plan_tomato_in_microwave)
+(:domain alfred)
+(:objects
+    agent1 - agent
+    TomatoType - otype
+    CounterTopType - rtype
+    MicrowaveType - rtype
+    Tomato_bar__plus_00_dot_10 - object
+    CounterTop_bar__plus_01_dot_00 - receptacle
+    Microwave_bar__plus_02_dot_00 - receptacle
+    loc_bar_0_bar_0 - location
+    loc_bar_1_bar_0 - location
+    loc_bar_2_bar_0 - location
+)
+(:init
+    (atLocation agent1 loc_bar_0_bar_0)
+    (receptacleType CounterTop_bar__plus_01_dot_00 CounterTopType)
+    (receptacleType Microwave_bar__plus_02_dot_00 MicrowaveType)
+    (receptacleAtLocation CounterTop_bar__plus_01_dot_00 loc_bar_1_bar_0)
+    (receptacleAtLocation Microwave_bar__plus_02_dot_00 loc_bar_2_bar_0)
+    (openable Microwave_bar__plus_02_dot_00)
+    (objectType Tomato_bar__plus_00_dot_10 TomatoType)
+    (pickupable Tomato_bar__plus_00_dot_10)
+    (heatable Tomato_bar__plus_00_dot_10)
+    (canContain CounterTopType TomatoType)
+    (canContain MicrowaveType TomatoType)
+    (inReceptacle Tomato_bar__plus_00_dot_10 CounterTop_bar__plus_01_dot_00)
+    (objectAtLocation Tomato_bar__plus_00_dot_10 loc_bar_1_bar_0)
+)
+(:goal (exists (?o - object ?r - receptacle)
+    (and (objectType ?o TomatoType) (receptacleType ?r MicrowaveType) (inReceptacle ?o ?r))))
+)
+"""
+
+
+@pytest.fixture(scope="module")
+def alfworld_dir(tmp_path_factory):
+    from alfworld.info import ALFRED_PDDL_PATH, ALFRED_TWL2_PATH
+    root = tmp_path_factory.mktemp("alfworld")
+    trial = root / "pick_and_place_simple-Tomato-None-Microwave-1" / "trial_1"
+    trial.mkdir(parents=True)
+    with open(ALFRED_PDDL_PATH) as f:
+        domain = f.read()
+    with open(ALFRED_TWL2_PATH) as f:  # ALFWorld writes each game's task into its grammar
+        grammar = f.read().replace("UNKNOWN GOAL", "put a tomato in microwave")
+    game = {"pddl_domain": domain, "grammar": grammar, "pddl_problem": TOMATO_PROBLEM, "solvable": True}
+    (trial / "game.tw-pddl").write_text(json.dumps(game))
+    # ALFWorld's expert wrapper reads the task parameters that ALFWorld keeps beside every game
+    traj = {"task_type": "pick_and_place_simple",
+            "pddl_params": {"object_target": "Tomato", "parent_target": "Microwave", "toggle_target": "",
+                            "mrecep_target": "", "object_sliced": False}}
+    (trial / "traj_data.json").write_text(json.dumps(traj))
+    return str(root)
+
+
+def test_alfworld_game_won_by_its_expert(alfworld_dir):
+    env = envs.make_env("household", "full", options=f"alfworld={alfworld_dir}")
+    assert env.tasks("train") == env.tasks("val") == []  # one game, not in ALFWorld's split folders
+    (task,) = env.tasks("test")
+    obs = env.reset(task)
+    assert obs.splitlines()[0] == "Goal: put a tomato in microwave."
+    assert "you see a countertop 1, and a microwave 1" in obs and "Welcome" not in obs
+    assert env.actions == ["go to countertop 1", "go to microwave 1"]
+    assert env.walkthrough() == ["go to countertop 1", "take tomato 1 from countertop 1", "go to microwave 1",
+                                 "open microwave 1", "move tomato 1 to microwave 1"]
+    # a detour replayed on a second copy: going to the microwave first costs one step more
+    assert env.walkthrough_after(env.actions.index("go to microwave 1"))[0] == "go to countertop 1"
+    plan = env.walkthrough()
+    total, info = play_oracle(env, task)
+    assert info["success"] and env.steps == 5 and total == 1.0
+    assert env.state == {"game": task, "commands": plan}
+    # the curriculum on ALFWorld's games: the expert plays all but the last step(s) before the start
+    for stage, steps in (("len1", 1), ("len2", 2)):
+        short = envs.make_env("household", stage, options=f"alfworld={alfworld_dir}")
+        short.reset(task)
+        assert len(short.walkthrough()) == steps and short.observation.splitlines()[2] == "History: none yet"
+        assert play_oracle(short, task)[1]["success"] and short.steps == steps
+
+
+def run(script, *args):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_end_to_end_and_teacher_data(games, tmp_path):
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    env_args = ["--env=household", f"--env_options={games}"]
+    run("data_gen.py", *env_args, f"--out_dir={data}", "--episodes=4", "--val_episodes=1", "--neg_prob=0.5")
+    # every policy target is the walkthrough's next command, replayed from the recorded state; a
+    # negative record's reflection owns up to the detour that the state's last command was
+    records = [json.loads(line) for line in open(os.path.join(data, "policy_train.jsonl"))]
+    negatives = [json.loads(line) for line in open(os.path.join(data, "reflection_train.jsonl"))
+                 if '"negative": true' in line]
+    assert negatives and {r["stage"] for r in records} == set(envs.Household.stages)
+    for r in records + negatives:
+        env = envs.make_env("household", r["stage"], options=games)
+        env.reset(r["state"]["game"])
+        for command in r["state"]["commands"]:
+            env.step(env.actions.index(command))
+        assert r["prompt"].startswith(env.observation + "\n")
+        if r in negatives:
+            assert f"'{r['state']['commands'][-1]}'" in r["completion"].split(". ")[0]
+            assert r["completion"].endswith(f" Next: {env.actions[env.oracle()]}.")
+        else:
+            assert r["completion"] == envs.LABELS[env.oracle()]
+    tiny = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--vocab_size=600", "--batch_size=8", "--eval_interval=2",
+            "--eval_batches=1", "--device=cpu", "--max_iters=2"]
+    run("sft.py", "--env=household", f"--data_dir={data}", f"--out_dir={out}", *tiny)
+    run("rl.py", *env_args, f"--out_dir={out}", "--num_envs=2", "--minibatch_size=4", "--reflection_max_tokens=8",
+        "--device=cpu", "--curriculum", "--schedule=fixed", "--stage_iters=1,1,1", "--total_iters=3")
+    logs = [json.loads(line) for line in open(os.path.join(out, "rl", "log.jsonl")) if '"iter"' in line]
+    assert [r["stage"] for r in logs] == list(envs.Household.stages)
+    run("eval.py", *env_args, f"--out_dir={out}", "--episodes=2", "--stages=len1", "--reflection_max_tokens=8",
+        "--device=cpu")
+    results = json.load(open(os.path.join(out, "eval.json")))["stages"]["len1"]["results"]
+    oracle = next(r for r in results if r["method"] == "Oracle")
+    assert {"SFT", "Reflect-RL", "Random"} <= {r["method"] for r in results} and oracle["success"] == 1.0
