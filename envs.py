@@ -583,7 +583,7 @@ class AutoExplore:
     def reset(self, task: dict, seed: int | None = None) -> str:
         self.task, self.root = task, task["repo"]
         self.seed = seed if seed is not None else 0
-        self.cwd, self.read, self.history, self.result = (), set(), [], "(nothing yet)"
+        self.cwd, self.read, self.history, self.result = (), [], [], "(nothing yet)"  # read: paths, in order
         self.steps, self.done = 0, False
         # the targets and the directories above them are never left out of a listing
         self.keep = {tuple(t.split("/")[:i]) for t in task["targets"] for i in range(1, t.count("/") + 2)}
@@ -600,11 +600,13 @@ class AutoExplore:
         return dirs, files, extra
 
     def refresh(self):
-        """Recompute the admissible commands and the observation text."""
+        """Recompute the admissible commands and the observation text. The menu puts the moves a
+        reflection can name without a name first, at fixed places: `cd ..`, then `id` of the files
+        read here, the last read first; then the folders and the unread files, sorted."""
         dirs, files, extra = self.listing(self.cwd)
-        self.commands = ([("cd", "..")] if self.cwd else []) + [("cd", d) for d in dirs] + \
-            [("cat", f) for f in files if self.cwd + (f,) not in self.read] + \
-            [("id", f) for f in files if self.cwd + (f,) in self.read]
+        read_here = [p[-1] for p in reversed(self.read) if p[:-1] == self.cwd and p[-1] in files]
+        self.commands = ([("cd", "..")] if self.cwd else []) + [("id", f) for f in read_here] + \
+            [("cd", d) for d in dirs] + [("cat", f) for f in files if self.cwd + (f,) not in self.read]
         self.actions = [f"{verb} {name if name == '..' else shown(name)}" for verb, name in self.commands]
         here = " ".join([shown(d) + "/" for d in dirs] + [shown(f) for f in files]) or "(empty)"
         self.state = "/".join(self.cwd)
@@ -628,7 +630,7 @@ class AutoExplore:
             else:
                 cost, self.result = cost + 1, f"error: cannot open {shown(name)}/"
         elif verb == "cat":
-            self.read.add(self.cwd + (name,))
+            self.read.append(self.cwd + (name,))
             text, why = read_text(self.root, self.cwd, name)
             # an unreadable file is an error; a binary one, a warning
             cost += 0 if text is not None else 0.5 if why.startswith("binary") else 1
