@@ -136,9 +136,9 @@ def taxi_detours(taxi: envs.DangerousTaxi) -> list[int]:
 
 # AutoExplore: the teacher knows the targets. Its analysis owns up to a wrong command, says whether
 # the last file read answers the task, and what kind of move comes next. It names no file or folder:
-# the default scratch model cannot copy names it never saw in training (its reflections named the
-# right file for 0 of 60 test states when they had to), so the choice among the listed names is
-# left to the policy, which picks a label rather than writing a name.
+# when they did, the default scratch model wrote made-up names on held-out repositories (it cannot
+# copy names it never saw in training), so the choice among the listed names is left to the policy,
+# which picks a label rather than writing a name.
 WRONG_FILE = ["The last file read does not answer the task.", "That file was wrong: it does not have what the task asks for."]
 WRONG_DIR = ["That folder was the wrong way.", "Going into that folder was a mistake."]
 WRONG_UP = ["Going up was a mistake.", "Leaving that folder was wrong."]
