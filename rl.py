@@ -16,6 +16,9 @@ Where this departs from the paper, and why:
   is needed and a run resumes exactly from a checkpoint taken between iterations. Hitting the
   horizon is treated as the end of the episode (it is short, 15 steps).
 - The value head is a linear layer on the policy's own last hidden state (shared trunk).
+- PPO sees each reward times the environment's `reward_scale` (AutoExplore: 1/horizon, so that
+  returns are of order 1 and the value loss does not swamp the shared trunk); logs report raw returns.
+- Curriculum stages that have no training tasks (AutoExplore on a small repository) are skipped.
 - Curriculum: by default a stage is left once the success rate of an iteration's episodes reaches
   `promote_at` (the paper uses a fixed schedule, available as --schedule=fixed); on a CPU budget this
   spends no iterations on stages that are already solved.
