@@ -146,4 +146,4 @@ def test_make_env_errors():
         envs.make_env("taxi", "easy")
     taxi = envs.make_env("taxi")
     assert (taxi.stage, taxi.horizon, taxi.name) == ("full", 15, "taxi")
-    assert envs.ENVS == {"taxi": envs.DangerousTaxi, "household": envs.Household}
+    assert envs.ENVS == {"taxi": envs.DangerousTaxi, "autoexplore": envs.AutoExplore, "household": envs.Household}
