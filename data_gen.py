@@ -15,12 +15,13 @@ Files written to out_dir, for split in train and val:
     *_pos_{split}.jsonl        the same three from separate runs without negative examples (ablation)
     meta.json                  the config, record counts, and the time it took
 Each record: {"prompt", "completion", "stage", "negative", "state"}; "state" is the environment's
-state (taxi: the state number; household: the game file and the commands played), so a test can
-check every target against the oracle.
+state (taxi: the state number; household: the game file and the commands played, so a test can
+check every target against the oracle; autoexplore: the current folder).
 
     python data_gen.py                      # defaults below, about 2 s on a laptop
     python data_gen.py --episodes=2000 --neg_prob=0.3 --shuffle_labels=true
     python data_gen.py --env=household      # generates the household games first (once, see README)
+    python data_gen.py --env=autoexplore --env_options=repos=/src/a:/src/b
 """
 import json
 import os
