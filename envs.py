@@ -328,6 +328,16 @@ def read_text(root: str, rel: tuple, name: str) -> tuple[str | None, str]:
         return None, f"binary file, {os.path.getsize(path)} bytes"
 
 
+def walk(root: str):
+    """(folder, its listed files, entries not shown) of every folder the listings reach, depth first."""
+    stack = [()]
+    while stack:
+        rel = stack.pop()
+        dirs, files, extra = list_dir(root, rel)
+        stack += [rel + (d,) for d in dirs]
+        yield rel, files, extra
+
+
 def view(text: str, chars: int) -> str:
     """What `cat` shows: non-blank lines, each clipped to 100 characters, up to `chars` characters,
     then a note of how much was left out."""
@@ -405,11 +415,7 @@ def repo_tasks(root: str, view_chars: int, per_level: int = 120) -> list[dict]:
     """Up to `per_level` tasks of `root` (a resolved path) per curriculum level, the kinds taken in
     turn, chosen by a seeded draw. A task's targets are every file with the fact, shown or not."""
     facts = {}  # question -> {"kind", "evidence", "targets", "seen"}
-    stack = [()]
-    while stack:
-        rel = stack.pop()
-        dirs, files, _ = list_dir(root, rel)
-        stack += [rel + (d,) for d in dirs]
+    for rel, files, _ in walk(root):
         for name in files:
             text, _ = read_text(root, rel, name)
             if text is None:
@@ -459,13 +465,12 @@ def installed_repos(max_files: int = 800) -> list[str]:
                   if len(f.parts) == 2 and f.parts[1] == "__init__.py"}
     keep = []
     for root in sorted(roots):
-        stack, n_files = [()], 0
-        while stack and n_files <= max_files:
-            rel = stack.pop()
-            dirs, files, extra = list_dir(root, rel)
-            stack += [rel + (d,) for d in dirs]
+        n_files = 0
+        for _, files, extra in walk(root):
             n_files += len(files) + extra  # what is not shown counts too
-        if n_files <= max_files:
+            if n_files > max_files:
+                break
+        else:
             keep.append(root)
     return keep
 
