@@ -37,7 +37,7 @@ import envs
 # defaults, each can be overridden with --key=value
 env = "taxi"  # environment name, one of envs.ENVS
 env_options = ""  # the environment's own settings, "key=value,..." (see envs.make_env)
-out_dir = "data/taxi"  # where the JSONL files and meta.json go
+out_dir = ""  # where the JSONL files and meta.json go; "" means data/{env}
 episodes = 0  # teacher episodes per stage for the train split (and as many for the _pos files);
               # 0 means the environment's default in ENV_DEFAULTS
 val_episodes = 50  # teacher episodes per stage for the val split
@@ -296,6 +296,8 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
         raise ValueError("episodes and val_episodes must be at least 1")
     if not 0 <= neg_prob <= 1:
         raise ValueError(f"neg_prob must be in [0, 1], got {neg_prob}")
+    for stage in envs.ENVS[env_name].stages:  # what the tasks need (household games) is made before the bar starts
+        envs.make_env(env_name, stage, options=env_options).tasks("train")
     t0 = time.time()
     n_stages = len(envs.ENVS[env_name].stages)
     files = {}
@@ -353,7 +355,7 @@ def parse_overrides(argv: list[str], defaults: dict) -> dict:
 if __name__ == "__main__":
     try:
         cfg = parse_overrides(sys.argv[1:], {k: globals()[k] for k in config_keys})
-        generate(cfg["env"], cfg["out_dir"], cfg["episodes"], cfg["val_episodes"], cfg["neg_prob"],
+        generate(cfg["env"], cfg["out_dir"] or os.path.join("data", cfg["env"]), cfg["episodes"], cfg["val_episodes"], cfg["neg_prob"],
                  cfg["seed"], cfg["shuffle_labels"], cfg["env_options"])
     except ValueError as e:
         print(f"data_gen.py: {e}", file=sys.stderr)

@@ -6,6 +6,7 @@ dangerous-termination rate, mean steps), printed as Markdown and written to {out
     python eval.py                                  # the standard comparison, whatever is trained
     python eval.py --methods="mine=out/taxi/rl+out/taxi/sft_reflection" --stages=full --greedy
     python eval.py --plot                           # only the learning curves of the RL runs -> curves.png
+    python eval.py --reflection_check               # only: does the reflection model advise the teacher's next step?
 
 A method is `name=policy_dir` (the policy reads the observation alone) or
 `name=policy_dir+reflection_dir` (a frozen reflection model writes an analysis first, as in
@@ -18,6 +19,7 @@ import math
 import os
 import random
 import sys
+from collections import Counter
 
 import numpy as np
 import torch
@@ -40,6 +42,8 @@ reflection_max_tokens = 96
 seed = 0  # seeds torch, random, numpy and the sampling generator
 device = ""  # "" picks cuda, then mps, then cpu
 plot = False  # instead of evaluating, draw success vs env steps of every RL run in {out_dir}/*/log.jsonl
+reflection_check = False  # instead of evaluating, score each reflection model's "Next:" step against the
+                          # teacher's on data/{env}/reflection_val.jsonl (--episodes records per stage)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
@@ -196,6 +200,63 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+def next_step(text):
+    """The move a reflection recommends: what follows its last "Next:" (all of it if there is none)."""
+    return text.rpartition("Next:")[2].strip()
+
+
+@torch.no_grad()
+def check_reflections(specs, path, g):
+    """How often each reflection model, sampling as in the agent, names the teacher's next step on the
+    validation records (held-out tasks): per stage, overall, after a detour, and for the teacher's 8
+    most frequent steps. Shows whether the analysis can be trusted before blaming the policy."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no reflection data at {path}: run python data_gen.py --env={env} first")
+    by_stage = {}
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+                if r["stage"] in stage_list:
+                    by_stage.setdefault(r["stage"], []).append((r["prompt"], next_step(r["completion"]), r["negative"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SystemExit(f"error: {path}:{i} is not a reflection record; regenerate it with data_gen.py")
+    dirs = sorted({refl for _, _, refl in specs if refl})
+    if not by_stage:
+        raise SystemExit(f"error: {path} has no records of the stages {', '.join(stage_list)}")
+    if not dirs:
+        raise SystemExit("error: no reflection model to check: train one with sft.py or name it in --methods")
+    report = {}
+    os.makedirs(out_dir, exist_ok=True)
+    for d in dirs:
+        model, tok, _ = load_checkpoint(d, dev)
+        model.eval()
+        room = model.config.block_size - reflection_max_tokens
+        print(f"\n## {d}: the sampled Next: step equals the teacher's")
+        print("| stage | records | teacher says | agree |\n| --- | --- | --- | --- |")
+        for stage, recs in by_stage.items():
+            recs = random.Random(seed).sample(recs, min(episodes, len(recs)))
+            said = []
+            for lo in tqdm(range(0, len(recs), batch_size), desc=f"{d} / {stage}", leave=False):
+                prompts = [tok.encode(p, add_special_tokens=False).ids[-room:] for p, _, _ in recs[lo:lo + batch_size]]
+                outs = model.generate(prompts, reflection_max_tokens, temperature=reflection_temperature,
+                                      stop=[tok.token_to_id(EOS)], generator=g)
+                said += [next_step(tok.decode(ids)) for ids in outs]
+            groups = {"(all)": range(len(recs)), "(after a detour)": [i for i, r in enumerate(recs) if r[2]]}
+            for want, _ in Counter(r[1] for r in recs).most_common(8):
+                groups[want] = [i for i, r in enumerate(recs) if r[1] == want]
+            rows = report.setdefault(d, {}).setdefault(stage, [])
+            for name, idx in groups.items():
+                agree = sum(said[i] == recs[i][1] for i in idx)
+                rows.append({"teacher": name, "records": len(idx), "agree": agree / max(1, len(idx))})
+                print(f"| {stage} | {len(idx)} | {name} | {agree}/{len(idx)} |")
+    out = os.path.join(out_dir, "reflection_check.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(f"\nwrote {out}")
+
+
 def plot_curves(directory):
     """Success vs env steps (iterations where a log has none) of every RL run in directory/*/log.jsonl,
     with the curriculum's stage changes marked; saved as directory/curves.png."""
@@ -266,6 +327,10 @@ if __name__ == "__main__":
     np.random.seed(seed)
 
     specs, cache = method_specs(), {}
+    if reflection_check:
+        check_reflections(specs, os.path.join("data", env, "reflection_val.jsonl"),
+                          torch.Generator(device=dev).manual_seed(seed))
+        sys.exit(0)
     try:
         agents = [load_agent(*spec, cache) for spec in specs]
     except (FileNotFoundError, ValueError) as e:

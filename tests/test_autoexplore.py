@@ -199,18 +199,18 @@ def test_installed_repositories():
 
 
 def test_tiny_end_to_end(tmp_path, repo):
-    data, out = tmp_path / "data", tmp_path / "out"
+    data, out = tmp_path / "data" / "autoexplore", tmp_path / "out"  # data_gen's default folder, in tmp_path
     env_args = ["--env=autoexplore", f"--env_options=repos={repo}"]
     tiny = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--vocab_size=600", "--batch_size=8", "--eval_interval=2",
             "--eval_batches=1", "--device=cpu", "--max_iters=2", "--block_size=1024"]
 
     def run(script, *args):
         p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                           cwd=ROOT, timeout=600)
+                           cwd=tmp_path, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
         return p.stdout
 
-    run("data_gen.py", *env_args, f"--out_dir={data}", "--episodes=6", "--val_episodes=2")
+    run("data_gen.py", *env_args, "--episodes=6", "--val_episodes=2")
     records = [json.loads(line) for line in open(data / "policy_train.jsonl")]
     assert records and all(r["prompt"].startswith("Task: ") for r in records)
     run("sft.py", "--env=autoexplore", f"--data_dir={data}", f"--out_dir={out}", *tiny)
@@ -219,3 +219,6 @@ def test_tiny_end_to_end(tmp_path, repo):
     stdout = run("eval.py", *env_args, f"--out_dir={out}", "--episodes=2", "--stages=depth1",
                  "--reflection_max_tokens=8", f"--methods=Reflect-RL={out}/rl+{out}/sft_reflection")
     assert "Reflect-RL" in stdout and "Oracle" in stdout
+    stdout = run("eval.py", "--env=autoexplore", f"--out_dir={out}", "--reflection_check", "--episodes=4",
+                 "--reflection_max_tokens=8", f"--methods=Reflect-RL={out}/rl+{out}/sft_reflection")
+    assert "| depth1 | 4 | (all) |" in stdout

@@ -1,4 +1,5 @@
-"""eval.py: the Wilson interval, the baselines, a tiny real method end to end, bad input, determinism, --plot."""
+"""eval.py: the Wilson interval, the baselines, a tiny real method end to end, bad input, determinism, --plot,
+--reflection_check."""
 import json
 import os
 import subprocess
@@ -130,3 +131,51 @@ def test_plot_draws_the_rl_curves(tmp_path):
     assert not (tmp_path / "eval.json").exists()  # --plot draws, it does not evaluate
     png = tmp_path / "curves.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def reflection_records(path, teacher_steps):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i, (stage, step, negative) in enumerate(teacher_steps):
+            f.write(json.dumps({"prompt": f"state {i}\n # Analyze:\n", "completion": f"Some analysis. Next: {step}",
+                                "stage": stage, "negative": negative, "state": ""}) + "\n")
+
+
+def test_reflection_check_counts_agreement(tiny, tmp_path, monkeypatch):
+    """A stand-in reflection model that always advises 'move north.': the check must count exactly the
+    records whose teacher says the same, per stage, after detours and per teacher step."""
+    from model import load_checkpoint
+    _, tok, _ = load_checkpoint(str(tiny), "cpu")
+
+    class AlwaysNorth:
+        config = GPTConfig(block_size=512)
+
+        def eval(self):
+            return self
+
+        def generate(self, prompts, max_new, temperature, stop, generator):
+            return [tok.encode(" It is clear. Next: move north.", add_special_tokens=False).ids for _ in prompts]
+
+    steps = [("pickup", "move north.", False)] * 3 + [("pickup", "pick up.", True)] * 2 + [("full", "move north.", True)]
+    reflection_records(tmp_path / "data" / "taxi" / "reflection_val.jsonl", steps)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluation, "load_checkpoint", lambda d, dev: (AlwaysNorth(), tok, None))
+    for key, val in {"stage_list": ["pickup", "full"], "dev": "cpu", "out_dir": str(tmp_path / "out"), "episodes": 100,
+                     "batch_size": 2}.items():
+        monkeypatch.setattr(evaluation, key, val, raising=False)
+    evaluation.check_reflections([("x", "p", "r1")], "data/taxi/reflection_val.jsonl", torch.Generator().manual_seed(0))
+    report = json.loads((tmp_path / "out" / "reflection_check.json").read_text())
+    rows = {(stage, r["teacher"]): (r["records"], r["agree"]) for stage, rs in report["r1"].items() for r in rs}
+    assert rows[("pickup", "(all)")] == (5, 0.6) and rows[("pickup", "(after a detour)")] == (2, 0.0)
+    assert rows[("pickup", "move north.")] == (3, 1.0) and rows[("pickup", "pick up.")] == (2, 0.0)
+    assert rows[("full", "(all)")] == (1, 1.0) and rows[("full", "(after a detour)")] == (1, 1.0)
+
+
+def test_reflection_check_runs_and_reports_missing_data(tiny, tmp_path):
+    p = run(tmp_path, f"--methods=tiny={tiny}+{tiny}", "--reflection_check")
+    assert p.returncode == 1 and p.stderr.startswith("error: no reflection data at data/taxi/reflection_val.jsonl")
+    reflection_records(tmp_path / "data" / "taxi" / "reflection_val.jsonl", [("pickup", "move north.", False)] * 3)
+    p = run(tmp_path, f"--methods=tiny={tiny}+{tiny}", "--reflection_check", "--reflection_max_tokens=8")
+    assert p.returncode == 0, p.stderr
+    assert "| pickup | 3 | (all) |" in p.stdout and not (tmp_path / "eval.json").exists()
+    assert set(json.loads((tmp_path / "reflection_check.json").read_text())) == {str(tiny)}
