@@ -52,7 +52,7 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_")
 # nearly every `cat` in the data is of the answer, and the models learn to identify whatever they
 # have just read.
 ENV_DEFAULTS = {"taxi": {"episodes": 400, "neg_prob": 0.15}, "autoexplore": {"episodes": 1200, "neg_prob": 0.5},
-                "household": {"episodes": 400, "neg_prob": 0.15}}
+                "household": {"episodes": 1200, "neg_prob": 0.15}}
 
 # Reflection templates, one list per sentence of the chain of thought: where the taxi is, where the
 # target is, the wall that matters, then the move and why. Several phrasings of each, so the model

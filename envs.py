@@ -766,7 +766,7 @@ class Household:
     options = {"games_dir": str, "n_games": int, "alfworld": str, "max_steps": int}
 
     def __init__(self, stage: str = "full", horizon: int = 15, games_dir: str = "data/household/games",
-                 n_games: int = 100, alfworld: str = "", max_steps: int = 0):
+                 n_games: int = 300, alfworld: str = "", max_steps: int = 0):
         if stage not in self.stages:
             raise ValueError(f"unknown stage '{stage}' for {self.name}: choose from {', '.join(self.stages)}")
         horizon = max_steps or horizon

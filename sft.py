@@ -70,7 +70,7 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 # iterations (validation token accuracy 0.70 at 250, 0.51 at 500, on an earlier, smaller data set).
 ROLE_ITERS = {"taxi": {"reflection": 1200, "policy": 300, "plain": 1200},
               "autoexplore": {"reflection": 600, "policy": 300, "plain": 300},
-              "household": {"reflection": 600, "policy": 300, "plain": 600}}  # household: not tuned yet
+              "household": {"reflection": 1200, "policy": 1000, "plain": 1000}}
 BUCKET = {"taxi": 1, "autoexplore": 8, "household": 8}  # taxi prompts all have about the same length
 
 
