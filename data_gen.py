@@ -355,8 +355,8 @@ def parse_overrides(argv: list[str], defaults: dict) -> dict:
 if __name__ == "__main__":
     try:
         cfg = parse_overrides(sys.argv[1:], {k: globals()[k] for k in config_keys})
-        generate(cfg["env"], cfg["out_dir"] or os.path.join("data", cfg["env"]), cfg["episodes"], cfg["val_episodes"], cfg["neg_prob"],
-                 cfg["seed"], cfg["shuffle_labels"], cfg["env_options"])
+        generate(cfg["env"], cfg["out_dir"] or os.path.join("data", cfg["env"]), cfg["episodes"],
+                 cfg["val_episodes"], cfg["neg_prob"], cfg["seed"], cfg["shuffle_labels"], cfg["env_options"])
     except ValueError as e:
         print(f"data_gen.py: {e}", file=sys.stderr)
         sys.exit(2)

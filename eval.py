@@ -124,6 +124,16 @@ def load_agent(name, policy_dir, reflection_dir, cache):
     return {"name": name, "kind": "model", "policy": (policy, tok, labels), "reflection": reflection}
 
 
+def reflect(reflection, texts, g):
+    """Sampled analyses of prompts that end with the Analyze header, in one batched KV-cache call."""
+    model, tok = reflection
+    room = model.config.block_size - reflection_max_tokens  # the new tokens need positions too
+    prompts = [tok.encode(t, add_special_tokens=False).ids[-room:] for t in texts]
+    outs = model.generate(prompts, reflection_max_tokens, temperature=reflection_temperature,
+                          stop=[tok.token_to_id(EOS)], generator=g)
+    return [tok.decode(ids).strip() for ids in outs]
+
+
 @torch.no_grad()
 def act(agent, batch, g):
     """One action index for each env in `batch`, all of them live."""
@@ -133,13 +143,8 @@ def act(agent, batch, g):
         return [e.oracle() for e in batch]
     reflections = [None] * len(batch)  # None: the policy prompt has no analysis section
     if agent["reflection"]:
-        model, tok = agent["reflection"]
-        room = model.config.block_size - reflection_max_tokens  # the new tokens need positions too
-        prompts = [tok.encode(analyze_prompt(e.observation), add_special_tokens=False).ids[-room:] for e in batch]
-        outs = model.generate(prompts, reflection_max_tokens, temperature=reflection_temperature,
-                              stop=[tok.token_to_id(EOS)], generator=g)
         # an empty analysis stays a string: the prompt keeps the Analyze header the policy trained with
-        reflections = [tok.decode(ids).strip() for ids in outs]
+        reflections = reflect(agent["reflection"], [analyze_prompt(e.observation) for e in batch], g)
     model, tok, labels = agent["policy"]
     prompts = [tok.encode(policy_prompt(e.observation, e.actions, r, LABELS), add_special_tokens=False).ids
                [-model.config.block_size:] for e, r in zip(batch, reflections)]  # left-truncate: keep the question
@@ -230,18 +235,13 @@ def check_reflections(specs, path, g):
     os.makedirs(out_dir, exist_ok=True)
     for d in dirs:
         model, tok, _ = load_checkpoint(d, dev)
-        model.eval()
-        room = model.config.block_size - reflection_max_tokens
         print(f"\n## {d}: the sampled Next: step equals the teacher's")
         print("| stage | records | teacher says | agree |\n| --- | --- | --- | --- |")
         for stage, recs in by_stage.items():
             recs = random.Random(seed).sample(recs, min(episodes, len(recs)))
             said = []
             for lo in tqdm(range(0, len(recs), batch_size), desc=f"{d} / {stage}", leave=False):
-                prompts = [tok.encode(p, add_special_tokens=False).ids[-room:] for p, _, _ in recs[lo:lo + batch_size]]
-                outs = model.generate(prompts, reflection_max_tokens, temperature=reflection_temperature,
-                                      stop=[tok.token_to_id(EOS)], generator=g)
-                said += [next_step(tok.decode(ids)) for ids in outs]
+                said += map(next_step, reflect((model.eval(), tok), [p for p, _, _ in recs[lo:lo + batch_size]], g))
             groups = {"(all)": range(len(recs)), "(after a detour)": [i for i, r in enumerate(recs) if r[2]]}
             for want, _ in Counter(r[1] for r in recs).most_common(8):
                 groups[want] = [i for i, r in enumerate(recs) if r[1] == want]

@@ -68,6 +68,8 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 # the policy with reflection only copies the reflection's last sentence and is at 99% after 250.
 # On AutoExplore, prompts are longer (60 to 1000 tokens), and the plain policy overfitted past ~250
 # iterations (validation token accuracy 0.70 at 250, 0.51 at 500, on an earlier, smaller data set).
+# On the household games (180 per stage for training) the policy's validation token accuracy stays
+# near 0.64 from 500 iterations on, and the reflection's validation loss still falls at 1200.
 ROLE_ITERS = {"taxi": {"reflection": 1200, "policy": 300, "plain": 1200},
               "autoexplore": {"reflection": 600, "policy": 300, "plain": 300},
               "household": {"reflection": 1200, "policy": 1000, "plain": 1000}}
