@@ -6,7 +6,7 @@ dangerous-termination rate, mean steps), printed as Markdown and written to {out
     python eval.py                                  # the standard comparison, whatever is trained
     python eval.py --methods="mine=out/taxi/rl+out/taxi/sft_reflection" --stages=full --greedy
     python eval.py --plot                           # only the learning curves of the RL runs -> curves.png
-    python eval.py --reflection_check               # only: does the reflection model advise the teacher's next step?
+    python eval.py --check                          # only: do the reflection model and the policy agree with the teacher?
 
 A method is `name=policy_dir` (the policy reads the observation alone) or
 `name=policy_dir+reflection_dir` (a frozen reflection model writes an analysis first, as in
@@ -42,8 +42,8 @@ reflection_max_tokens = 96
 seed = 0  # seeds torch, random, numpy and the sampling generator
 device = ""  # "" picks cuda, then mps, then cpu
 plot = False  # instead of evaluating, draw success vs env steps of every RL run in {out_dir}/*/log.jsonl
-reflection_check = False  # instead of evaluating, score each reflection model's "Next:" step against the
-                          # teacher's on data/{env}/reflection_val.jsonl (--episodes records per stage)
+check = False  # instead of evaluating, score each reflection model's "Next:" step and each policy's
+               # choice against the teacher's on data/{env}/*_val.jsonl (--episodes records per stage)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
@@ -210,47 +210,87 @@ def next_step(text):
     return text.rpartition("Next:")[2].strip()
 
 
-@torch.no_grad()
-def check_reflections(specs, path, g):
-    """How often each reflection model, sampling as in the agent, names the teacher's next step on the
-    validation records (held-out tasks): per stage, overall, after a detour, and for the teacher's 8
-    most frequent steps. Shows whether the analysis can be trusted before blaming the policy."""
+def read_val(path, stages):
+    """Validation records of data_gen.py, grouped by stage (only `stages`)."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: no reflection data at {path}: run python data_gen.py --env={env} first")
+        raise SystemExit(f"error: no validation data at {path}: run python data_gen.py --env={env} first")
     by_stage = {}
     with open(path) as f:
         for i, line in enumerate(f, 1):
             try:
                 r = json.loads(line)
-                if r["stage"] in stage_list:
-                    by_stage.setdefault(r["stage"], []).append((r["prompt"], next_step(r["completion"]), r["negative"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise SystemExit(f"error: {path}:{i} is not a reflection record; regenerate it with data_gen.py")
-    dirs = sorted({refl for _, _, refl in specs if refl})
+                if {"prompt", "completion", "negative", "stage"} - r.keys():
+                    raise KeyError
+                if r["stage"] in stages:
+                    by_stage.setdefault(r["stage"], []).append(r)
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise SystemExit(f"error: {path}:{i} is not a data_gen.py record; regenerate it with data_gen.py")
     if not by_stage:
-        raise SystemExit(f"error: {path} has no records of the stages {', '.join(stage_list)}")
-    if not dirs:
-        raise SystemExit("error: no reflection model to check: train one with sft.py or name it in --methods")
-    report = {}
-    os.makedirs(out_dir, exist_ok=True)
-    for d in dirs:
+        raise SystemExit(f"error: {path} has no records of the stages {', '.join(stages)}")
+    return {stage: random.Random(seed).sample(recs, min(episodes, len(recs))) for stage, recs in by_stage.items()}
+
+
+def report_rows(stage, hits, recs, taught):
+    """Agreement rows: all records, those right after a detour, and the teacher's 8 most frequent
+    answers (taught[i] is the teacher's answer in recs[i])."""
+    groups = {"(all)": range(len(recs)), "(after a detour)": [i for i, r in enumerate(recs) if r["negative"]]}
+    for want, _ in Counter(taught).most_common(8):
+        groups[want] = [i for i, t in enumerate(taught) if t == want]
+    rows = []
+    for name, idx in groups.items():
+        agree = sum(hits[i] for i in idx)
+        rows.append({"teacher": name, "records": len(idx), "agree": agree / max(1, len(idx))})
+        print(f"| {stage} | {len(idx)} | {name} | {agree}/{len(idx)} |")
+    return rows
+
+
+@torch.no_grad()
+def check_models(specs, data, g):
+    """Each player against the teacher on the validation records (held-out tasks), per stage, overall,
+    after a detour and per frequent teacher answer. The reflection model samples its analysis as in
+    the agent and must name the teacher's next step; the policy reads the teacher's analysis (none
+    without reflection) and its most probable action must be the teacher's. Shows which of the two
+    players fails before blaming either."""
+    refl_dirs = sorted({r for _, _, r in specs if r})
+    pol_dirs = sorted({(p, bool(r)) for _, p, r in specs})
+    if not specs:
+        raise SystemExit("error: no model to check: train one with sft.py or name it in --methods")
+    report = {"reflection": {}, "policy": {}}
+    head = "| stage | records | teacher says | agree |\n| --- | --- | --- | --- |"
+    if refl_dirs:
+        recs_by_stage = read_val(os.path.join(data, "reflection_val.jsonl"), stage_list)
+    for d in refl_dirs:
         model, tok, _ = load_checkpoint(d, dev)
-        print(f"\n## {d}: the sampled Next: step equals the teacher's")
-        print("| stage | records | teacher says | agree |\n| --- | --- | --- | --- |")
-        for stage, recs in by_stage.items():
-            recs = random.Random(seed).sample(recs, min(episodes, len(recs)))
+        print(f"\n## reflection {d}: the sampled Next: step equals the teacher's\n{head}")
+        for stage, recs in recs_by_stage.items():
             said = []
             for lo in tqdm(range(0, len(recs), batch_size), desc=f"{d} / {stage}", leave=False):
-                said += map(next_step, reflect((model.eval(), tok), [p for p, _, _ in recs[lo:lo + batch_size]], g))
-            groups = {"(all)": range(len(recs)), "(after a detour)": [i for i, r in enumerate(recs) if r[2]]}
-            for want, _ in Counter(r[1] for r in recs).most_common(8):
-                groups[want] = [i for i, r in enumerate(recs) if r[1] == want]
-            rows = report.setdefault(d, {}).setdefault(stage, [])
-            for name, idx in groups.items():
-                agree = sum(said[i] == recs[i][1] for i in idx)
-                rows.append({"teacher": name, "records": len(idx), "agree": agree / max(1, len(idx))})
-                print(f"| {stage} | {len(idx)} | {name} | {agree}/{len(idx)} |")
-    out = os.path.join(out_dir, "reflection_check.json")
+                said += map(next_step, reflect((model.eval(), tok), [r["prompt"] for r in recs[lo:lo + batch_size]], g))
+            taught = [next_step(r["completion"]) for r in recs]
+            report["reflection"].setdefault(d, {})[stage] = report_rows(stage, [s == t for s, t in zip(said, taught)], recs, taught)
+    for d, with_reflection in pol_dirs:
+        model, tok, _ = load_checkpoint(d, dev)
+        kind = "policy" if with_reflection else "plain"
+        print(f"\n## policy {d}, on {kind}_val.jsonl: its most probable action is the teacher's\n{head}")
+        picked = Counter()  # the labels it puts first: a policy that reads nothing shows one label
+        for stage, recs in read_val(os.path.join(data, f"{kind}_val.jsonl"), stage_list).items():
+            hits, taught = [], []
+            for r in recs:  # one at a time: the menu, and so the label tokens, differ between records
+                menu = r["prompt"].rpartition("# Choose from below your action:\n")[2].rpartition(" # Action:")[0]
+                labels, actions = zip(*(line.split(". ", 1) for line in menu.splitlines()))
+                ids = tok.encode(r["prompt"], add_special_tokens=False).ids[-model.config.block_size:]
+                label_ids = torch.tensor([label_token_ids(tok, labels)], device=dev)
+                logp, _ = model.eval().score_actions(torch.tensor([ids], device=dev), torch.tensor([len(ids)], device=dev),
+                                                     label_ids, torch.ones_like(label_ids, dtype=torch.bool))
+                hits.append(labels[int(logp.argmax())] == r["completion"])
+                taught.append(actions[labels.index(r["completion"])])
+                picked[labels[int(logp.argmax())]] += 1
+            report["policy"].setdefault(d, {})[stage] = report_rows(stage, hits, recs, taught)
+        label, n = picked.most_common(1)[0]
+        report["policy"][d]["favourite_label"] = {"label": label, "records": n, "of": picked.total()}
+        print(f"its favourite label: {label}, first in {n} of {picked.total()} records")
+    out = os.path.join(out_dir, "check.json")
+    os.makedirs(out_dir, exist_ok=True)
     with open(out + ".tmp", "w") as f:
         json.dump(report, f, indent=1)
     os.replace(out + ".tmp", out)
@@ -327,9 +367,8 @@ if __name__ == "__main__":
     np.random.seed(seed)
 
     specs, cache = method_specs(), {}
-    if reflection_check:
-        check_reflections(specs, os.path.join("data", env, "reflection_val.jsonl"),
-                          torch.Generator(device=dev).manual_seed(seed))
+    if check:
+        check_models(specs, os.path.join("data", env), torch.Generator(device=dev).manual_seed(seed))
         sys.exit(0)
     try:
         agents = [load_agent(*spec, cache) for spec in specs]

@@ -219,6 +219,6 @@ def test_tiny_end_to_end(tmp_path, repo):
     stdout = run("eval.py", *env_args, f"--out_dir={out}", "--episodes=2", "--stages=depth1",
                  "--reflection_max_tokens=8", f"--methods=Reflect-RL={out}/rl+{out}/sft_reflection")
     assert "Reflect-RL" in stdout and "Oracle" in stdout
-    stdout = run("eval.py", "--env=autoexplore", f"--out_dir={out}", "--reflection_check", "--episodes=4",
+    stdout = run("eval.py", "--env=autoexplore", f"--out_dir={out}", "--check", "--episodes=4",
                  "--reflection_max_tokens=8", f"--methods=Reflect-RL={out}/rl+{out}/sft_reflection")
     assert "| depth1 | 4 | (all) |" in stdout

@@ -1,5 +1,5 @@
 """eval.py: the Wilson interval, the baselines, a tiny real method end to end, bad input, determinism, --plot,
---reflection_check."""
+--check."""
 import json
 import os
 import subprocess
@@ -133,17 +133,25 @@ def test_plot_draws_the_rl_curves(tmp_path):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def reflection_records(path, teacher_steps):
+def val_records(path, rows):
+    """A validation file of data_gen.py's shape: rows of (stage, prompt, completion, negative)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        for i, (stage, step, negative) in enumerate(teacher_steps):
-            f.write(json.dumps({"prompt": f"state {i}\n # Analyze:\n", "completion": f"Some analysis. Next: {step}",
-                                "stage": stage, "negative": negative, "state": ""}) + "\n")
+        for stage, prompt, completion, negative in rows:
+            f.write(json.dumps({"prompt": prompt, "completion": completion, "stage": stage, "negative": negative,
+                                "state": ""}) + "\n")
 
 
-def test_reflection_check_counts_agreement(tiny, tmp_path, monkeypatch):
-    """A stand-in reflection model that always advises 'move north.': the check must count exactly the
-    records whose teacher says the same, per stage, after detours and per teacher step."""
+def reflection_records(path, teacher_steps):
+    val_records(path, [(stage, f"state {i}\n # Analyze:\n", f"Some analysis. Next: {step}", negative)
+                       for i, (stage, step, negative) in enumerate(teacher_steps)])
+
+
+def test_check_counts_agreement(tiny, tmp_path, monkeypatch):
+    """Stand-ins: a reflection model that always advises 'move north.' and a policy that always puts
+    the most probability on the first line of the menu. The check must count exactly the records
+    where the teacher says the same, per stage, after detours and per teacher answer, and read each
+    record's labels from its own menu (here permuted)."""
     from model import load_checkpoint
     _, tok, _ = load_checkpoint(str(tiny), "cpu")
 
@@ -156,26 +164,48 @@ def test_reflection_check_counts_agreement(tiny, tmp_path, monkeypatch):
         def generate(self, prompts, max_new, temperature, stop, generator):
             return [tok.encode(" It is clear. Next: move north.", add_special_tokens=False).ids for _ in prompts]
 
+    class FirstLine(AlwaysNorth):
+        def score_actions(self, idx, lengths, label_ids, action_mask):
+            logits = torch.full(label_ids.shape, -5.0)
+            logits[:, 0] = 0.0
+            return torch.log_softmax(logits, -1), torch.zeros(len(idx))
+
     steps = [("pickup", "move north.", False)] * 3 + [("pickup", "pick up.", True)] * 2 + [("full", "move north.", True)]
     reflection_records(tmp_path / "data" / "taxi" / "reflection_val.jsonl", steps)
+    actions = ["move north", "move south", "pick up"]
+    menu = lambda labels: envs.policy_prompt("obs", actions, "Next: x.", labels)
+    val_records(tmp_path / "data" / "taxi" / "policy_val.jsonl", [
+        ("pickup", menu("210"), "2", False), ("pickup", menu("012"), "0", True),  # teacher: move north, twice
+        ("pickup", menu("120"), "0", False), ("full", menu("012"), "1", True)])  # teacher: pick up; move south
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(evaluation, "load_checkpoint", lambda d, dev: (AlwaysNorth(), tok, None))
+    monkeypatch.setattr(evaluation, "load_checkpoint", lambda d, dev: ((AlwaysNorth if d == "r1" else FirstLine)(), tok, None))
     for key, val in {"stage_list": ["pickup", "full"], "dev": "cpu", "out_dir": str(tmp_path / "out"), "episodes": 100,
                      "batch_size": 2}.items():
         monkeypatch.setattr(evaluation, key, val, raising=False)
-    evaluation.check_reflections([("x", "p", "r1")], "data/taxi/reflection_val.jsonl", torch.Generator().manual_seed(0))
-    report = json.loads((tmp_path / "out" / "reflection_check.json").read_text())
-    rows = {(stage, r["teacher"]): (r["records"], r["agree"]) for stage, rs in report["r1"].items() for r in rs}
+    evaluation.check_models([("x", "p", "r1")], "data/taxi", torch.Generator().manual_seed(0))
+    report = json.loads((tmp_path / "out" / "check.json").read_text())
+    rows = {(stage, r["teacher"]): (r["records"], r["agree"]) for stage, rs in report["reflection"]["r1"].items() for r in rs}
     assert rows[("pickup", "(all)")] == (5, 0.6) and rows[("pickup", "(after a detour)")] == (2, 0.0)
     assert rows[("pickup", "move north.")] == (3, 1.0) and rows[("pickup", "pick up.")] == (2, 0.0)
     assert rows[("full", "(all)")] == (1, 1.0) and rows[("full", "(after a detour)")] == (1, 1.0)
+    assert report["policy"]["p"].pop("favourite_label") == {"label": "0", "records": 2, "of": 4}  # first lines: 2, 0, 1, 0
+    rows = {(stage, r["teacher"]): (r["records"], r["agree"]) for stage, rs in report["policy"]["p"].items() for r in rs}
+    assert rows[("pickup", "(all)")] == (3, 2 / 3) and rows[("pickup", "(after a detour)")] == (1, 1.0)
+    assert rows[("pickup", "move north")] == (2, 1.0) and rows[("pickup", "pick up")] == (1, 0.0)
+    assert rows[("full", "(all)")] == (1, 0.0) and rows[("full", "move south")] == (1, 0.0)
 
 
-def test_reflection_check_runs_and_reports_missing_data(tiny, tmp_path):
-    p = run(tmp_path, f"--methods=tiny={tiny}+{tiny}", "--reflection_check")
-    assert p.returncode == 1 and p.stderr.startswith("error: no reflection data at data/taxi/reflection_val.jsonl")
+def test_check_runs_and_reports_missing_data(tiny, tmp_path):
+    p = run(tmp_path, f"--methods=tiny={tiny}+{tiny}", "--check")
+    assert p.returncode == 1 and p.stderr.startswith("error: no validation data at data/taxi/reflection_val.jsonl")
     reflection_records(tmp_path / "data" / "taxi" / "reflection_val.jsonl", [("pickup", "move north.", False)] * 3)
-    p = run(tmp_path, f"--methods=tiny={tiny}+{tiny}", "--reflection_check", "--reflection_max_tokens=8")
+    val_records(tmp_path / "data" / "taxi" / "policy_val.jsonl",
+                [("pickup", envs.policy_prompt("obs", ["move north", "pick up"], "Next: pick up."), "1", False)])
+    (tmp_path / "data" / "taxi" / "plain_val.jsonl").write_text("{not json\n")
+    p = run(tmp_path, f"--methods=tiny={tiny}+{tiny}", "--check", "--reflection_max_tokens=8")
     assert p.returncode == 0, p.stderr
-    assert "| pickup | 3 | (all) |" in p.stdout and not (tmp_path / "eval.json").exists()
-    assert set(json.loads((tmp_path / "reflection_check.json").read_text())) == {str(tiny)}
+    assert "| pickup | 3 | (all) |" in p.stdout and "| pickup | 1 | (all) |" in p.stdout
+    assert not (tmp_path / "eval.json").exists()
+    assert set(json.loads((tmp_path / "check.json").read_text())["policy"]) == {str(tiny)}
+    p = run(tmp_path, f"--methods=plain={tiny}", "--check")  # a policy without reflection reads plain_val.jsonl
+    assert p.returncode == 1 and p.stderr.startswith("error: data/taxi/plain_val.jsonl:1 is not a data_gen.py record")
