@@ -133,6 +133,26 @@ def test_sft_resume_continues(trained):
     assert [r["iter"] for r in logs if "iter" in r] == [2, 4, 6], p.stdout
 
 
+def test_policy_can_start_from_the_reflection_model(trained, tmp_path):
+    data, out = trained
+    args = [f"--data_dir={data}", f"--out_dir={tmp_path}", "--role=policy", "--policy_init=reflection", *TINY]
+    p = run("sft.py", *args, "--max_iters=2", ok=False)
+    assert p.returncode != 0 and p.stderr.startswith("error: the policy model starts from") \
+        and len(p.stderr.strip().splitlines()) == 1
+    p = run("sft.py", *args[:-len(TINY)], "--policy_init=pretrained", ok=False)
+    assert p.returncode != 0 and "--policy_init" in p.stderr
+    refl = torch.load(os.path.join(out, "sft_reflection", "ckpt.pt"), weights_only=True)
+    (tmp_path / "sft_reflection").mkdir()
+    torch.save(refl, tmp_path / "sft_reflection" / "ckpt.pt")
+    (tmp_path / "sft_reflection" / "tokenizer.json").write_text(open(os.path.join(out, "sft_reflection", "tokenizer.json")).read())
+    run("sft.py", *args, "--max_iters=2", "--learning_rate=0")  # no step size: the weights stay the reflection's
+    pol = torch.load(tmp_path / "sft_policy" / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(v, refl["model"][k]) for k, v in pol["model"].items()), "not the reflection's weights"
+    run("sft.py", *args, "--max_iters=2", "--policy_init=scratch", "--init_from=scratch")
+    pol = torch.load(tmp_path / "sft_policy" / "ckpt.pt", weights_only=True)
+    assert not torch.equal(pol["model"]["lm_head.weight"], refl["model"]["lm_head.weight"])
+
+
 def test_bad_input(trained, tmp_path):
     data, out = trained
     for script in ("sft.py", "rl.py", "data_gen.py"):
