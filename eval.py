@@ -251,10 +251,10 @@ def check_models(specs, data, g):
     the agent and must name the teacher's next step; the policy reads the teacher's analysis (none
     without reflection) and its most probable action must be the teacher's. Shows which of the two
     players fails before blaming either."""
-    refl_dirs = sorted({r for _, _, r in specs if r})
-    pol_dirs = sorted({(p, bool(r)) for _, p, r in specs})
     if not specs:
         raise SystemExit("error: no model to check: train one with sft.py or name it in --methods")
+    refl_dirs = sorted({r for _, _, r in specs if r})
+    pol_dirs = sorted({(p, bool(r)) for _, p, r in specs})
     report = {"reflection": {}, "policy": {}}
     head = "| stage | records | teacher says | agree |\n| --- | --- | --- | --- |"
     if refl_dirs:
@@ -282,9 +282,10 @@ def check_models(specs, data, g):
                 label_ids = torch.tensor([label_token_ids(tok, labels)], device=dev)
                 logp, _ = model.eval().score_actions(torch.tensor([ids], device=dev), torch.tensor([len(ids)], device=dev),
                                                      label_ids, torch.ones_like(label_ids, dtype=torch.bool))
-                hits.append(labels[int(logp.argmax())] == r["completion"])
+                first = labels[int(logp.argmax())]
+                hits.append(first == r["completion"])
                 taught.append(actions[labels.index(r["completion"])])
-                picked[labels[int(logp.argmax())]] += 1
+                picked[first] += 1
             report["policy"].setdefault(d, {})[stage] = report_rows(stage, hits, recs, taught)
         label, n = picked.most_common(1)[0]
         report["policy"][d]["favourite_label"] = {"label": label, "records": n, "of": picked.total()}
@@ -368,7 +369,10 @@ if __name__ == "__main__":
 
     specs, cache = method_specs(), {}
     if check:
-        check_models(specs, os.path.join("data", env), torch.Generator(device=dev).manual_seed(seed))
+        try:
+            check_models(specs, os.path.join("data", env), torch.Generator(device=dev).manual_seed(seed))
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}")
         sys.exit(0)
     try:
         agents = [load_agent(*spec, cache) for spec in specs]

@@ -207,5 +207,7 @@ def test_check_runs_and_reports_missing_data(tiny, tmp_path):
     assert "| pickup | 3 | (all) |" in p.stdout and "| pickup | 1 | (all) |" in p.stdout
     assert not (tmp_path / "eval.json").exists()
     assert set(json.loads((tmp_path / "check.json").read_text())["policy"]) == {str(tiny)}
+    p = run(tmp_path, f"--methods=gone={tmp_path / 'gone'}", "--check")
+    assert p.returncode == 1 and p.stderr.startswith("error: no checkpoint at")
     p = run(tmp_path, f"--methods=plain={tiny}", "--check")  # a policy without reflection reads plain_val.jsonl
     assert p.returncode == 1 and p.stderr.startswith("error: data/taxi/plain_val.jsonl:1 is not a data_gen.py record")
