@@ -261,15 +261,17 @@ def check_models(specs, data, g):
         recs_by_stage = read_val(os.path.join(data, "reflection_val.jsonl"), stage_list)
     for d in refl_dirs:
         model, tok, _ = load_checkpoint(d, dev)
+        model.eval()
         print(f"\n## reflection {d}: the sampled Next: step equals the teacher's\n{head}")
         for stage, recs in recs_by_stage.items():
             said = []
             for lo in tqdm(range(0, len(recs), batch_size), desc=f"{d} / {stage}", leave=False):
-                said += map(next_step, reflect((model.eval(), tok), [r["prompt"] for r in recs[lo:lo + batch_size]], g))
+                said += map(next_step, reflect((model, tok), [r["prompt"] for r in recs[lo:lo + batch_size]], g))
             taught = [next_step(r["completion"]) for r in recs]
             report["reflection"].setdefault(d, {})[stage] = report_rows(stage, [s == t for s, t in zip(said, taught)], recs, taught)
     for d, with_reflection in pol_dirs:
         model, tok, _ = load_checkpoint(d, dev)
+        model.eval()
         kind = "policy" if with_reflection else "plain"
         print(f"\n## policy {d}, on {kind}_val.jsonl: its most probable action is the teacher's\n{head}")
         picked = Counter()  # the labels it puts first: a policy that reads nothing shows one label
@@ -280,7 +282,7 @@ def check_models(specs, data, g):
                 labels, actions = zip(*(line.split(". ", 1) for line in menu.splitlines()))
                 ids = tok.encode(r["prompt"], add_special_tokens=False).ids[-model.config.block_size:]
                 label_ids = torch.tensor([label_token_ids(tok, labels)], device=dev)
-                logp, _ = model.eval().score_actions(torch.tensor([ids], device=dev), torch.tensor([len(ids)], device=dev),
+                logp, _ = model.score_actions(torch.tensor([ids], device=dev), torch.tensor([len(ids)], device=dev),
                                                      label_ids, torch.ones_like(label_ids, dtype=torch.bool))
                 first = labels[int(logp.argmax())]
                 hits.append(first == r["completion"])

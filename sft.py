@@ -194,7 +194,6 @@ def train(the_role):
         torch.set_rng_state(ckpt["rng"]["torch"])
     else:
         init = init_from
-        tok = get_tokenizer(init)
         lora = dict(dropout=dropout, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets)
         start = policy_init or POLICY_INIT[env]
         if init == "scratch" and start == "reflection" and the_role != "reflection":
@@ -206,9 +205,11 @@ def train(the_role):
             model, tok, _ = load_checkpoint(source)  # its own tokenizer: the weights belong to it
             print(f"sft {the_role}{suffix}: starting from the weights of {source}")
         elif init == "scratch":
+            tok = get_tokenizer(init)
             model = GPT(GPTConfig(block_size=block_size, vocab_size=tok.get_vocab_size(), n_layer=n_layer,
                                   n_head=n_head, n_embd=n_embd, **lora))
         else:
+            tok = get_tokenizer(init)
             model = GPT.from_pretrained(init, **lora)
     label_token_ids(tok, LABELS)  # start-up check: every action label is one token
     eos_id = tok.token_to_id(EOS)
