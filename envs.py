@@ -27,6 +27,7 @@ from functools import lru_cache
 # policy answers with the label alone. Each label is one character, one token in GPT-2's tokenizer.
 
 LABELS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+MENU_HEAD, ACTION_HEAD = "# Choose from below your action:\n", " # Action:\n"
 
 
 def analyze_prompt(obs: str) -> str:
@@ -40,7 +41,14 @@ def policy_prompt(obs: str, actions: list[str], reflection: str | None = None, l
         raise ValueError(f"{len(actions)} actions but only {len(labels)} labels")
     head = obs + "\n" if reflection is None else analyze_prompt(obs) + reflection + "\n"
     menu = "".join(f"{labels[i]}. {a}\n" for i, a in enumerate(actions))
-    return head + "# Choose from below your action:\n" + menu + " # Action:\n"
+    return head + MENU_HEAD + menu + ACTION_HEAD
+
+
+def parse_menu(prompt: str) -> tuple[list[str], list[str]]:
+    """The labels and actions of a policy prompt's menu, in its order: policy_prompt's inverse."""
+    menu = prompt.rpartition(MENU_HEAD)[2].rpartition(ACTION_HEAD)[0]
+    pairs = [line.split(". ", 1) for line in menu.splitlines()]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 # Task splits are a fixed seeded permutation of each stage's start tasks, cut 60/10/30. The seed is
@@ -729,10 +737,32 @@ def make_household_game(path: str, stage: str, index: int, split: str) -> None:
                     "drop": False, "recipe_seed": index + 1, "split": {"val": "valid"}.get(split, split)}
         game = cooking.make(settings, options)
     textworld.generator.compile_game(game, options)
+    # now and then the walkthrough does not win: TextWorld's parser cannot tell two objects apart
+    # ("Which do you mean, the Microsoft style locker or the locker?"); such a game is marked as
+    # ALFWorld marks its unsolvable ones, and tasks() leaves it out
+    with warnings.catch_warnings():  # jericho's, as in Household._load
+        warnings.simplefilter("ignore")
+        env = textworld.start(options.path, textworld.EnvInfos(policy_commands=True, won=True))
+        state = env.reset()
+        for command in state["policy_commands"]:
+            state, _, _ = env.step(command)
+        env.close()
+    if not state["won"]:
+        with open(os.path.join(tmp, "game.json")) as f:
+            data = json.load(f)
+        with open(os.path.join(tmp, "game.json"), "w") as f:
+            json.dump({**data, "solvable": False}, f)
     base = os.path.splitext(path)[0]
     os.replace(os.path.join(tmp, "game.json"), base + ".json")  # the .json first: a .z8 means both exist
     os.replace(os.path.join(tmp, "game.z8"), base + ".z8")
     shutil.rmtree(tmp)
+
+
+def household_game_path(games_dir: str, stage: str, index: int, split: str) -> str:
+    """Where game `index` of `stage` is cached. A cooking game's name carries its split, whose foods
+    it uses, so a cache made with another n_games (which moves games between splits) is never misread."""
+    tail = f"-{split}" if household_game_kind(stage, index)[0] == "cooking" else ""
+    return os.path.join(games_dir, stage, f"{index:04d}{tail}.z8")
 
 
 def household_games(games_dir: str, n_games: int) -> dict[str, list[str]]:
@@ -741,8 +771,8 @@ def household_games(games_dir: str, n_games: int) -> dict[str, list[str]]:
     from concurrent.futures import ProcessPoolExecutor
     from tqdm import tqdm
 
-    paths = {s: [os.path.join(games_dir, s, f"{i:04d}.z8") for i in range(n_games)] for s in Household.stages}
     split_of = {i: split for split in SPLITS for i in split_tasks(list(range(n_games)), split)}
+    paths = {s: [household_game_path(games_dir, s, i, split_of[i]) for i in range(n_games)] for s in Household.stages}
     jobs = [(p, s, i, split_of[i]) for s in paths for i, p in enumerate(paths[s]) if not os.path.isfile(p)]
     if jobs:
         for s in paths:
@@ -766,7 +796,7 @@ class Household:
     options = {"games_dir": str, "n_games": int, "alfworld": str, "max_steps": int}
 
     def __init__(self, stage: str = "full", horizon: int = 15, games_dir: str = "data/household/games",
-                 n_games: int = 300, alfworld: str = "", max_steps: int = 0):
+                 n_games: int = 600, alfworld: str = "", max_steps: int = 0):
         if stage not in self.stages:
             raise ValueError(f"unknown stage '{stage}' for {self.name}: choose from {', '.join(self.stages)}")
         horizon = max_steps or horizon
@@ -784,7 +814,7 @@ class Household:
 
     # -- tasks: game files ---------------------------------------------------------------------
     def tasks(self, split: str) -> list[str]:
-        """Game files of this stage in `split` whose walkthrough fits in the horizon. ALFWorld data
+        """Game files of this stage in `split` whose walkthrough wins and fits in the horizon. ALFWorld data
         keeps its own splits: train, valid_seen (val) and valid_unseen (test), where it has them."""
         if split not in SPLITS:
             raise ValueError(f"unknown split '{split}': choose from {', '.join(SPLITS)}")

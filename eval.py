@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from envs import ENVS, LABELS, analyze_prompt, make_env, policy_prompt
+from envs import ENVS, LABELS, analyze_prompt, make_env, parse_menu, policy_prompt
 from model import EOS, label_token_ids, load_checkpoint, pick_device
 
 # ----------------------------------------------------------------------------- config
@@ -278,8 +278,7 @@ def check_models(specs, data, g):
         for stage, recs in read_val(os.path.join(data, f"{kind}_val.jsonl"), stage_list).items():
             hits, taught = [], []
             for r in recs:  # one at a time: the menu, and so the label tokens, differ between records
-                menu = r["prompt"].rpartition("# Choose from below your action:\n")[2].rpartition(" # Action:")[0]
-                labels, actions = zip(*(line.split(". ", 1) for line in menu.splitlines()))
+                labels, actions = parse_menu(r["prompt"])
                 ids = tok.encode(r["prompt"], add_special_tokens=False).ids[-model.config.block_size:]
                 label_ids = torch.tensor([label_token_ids(tok, labels)], device=dev)
                 logp, _ = model.score_actions(torch.tensor([ids], device=dev), torch.tensor([len(ids)], device=dev),
