@@ -72,8 +72,9 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 # On AutoExplore, prompts are longer (60 to 1000 tokens), and the plain policy overfitted past ~250
 # iterations (its validation accuracy fell from 250 to 500 iterations, on an earlier, smaller data set).
 # On the household games (chosen with 180 per stage for training, kept for the default 360) the
-# reflection's validation loss still falls at 1200; the policy started from it (POLICY_INIT) overfits after about 500 iterations (in a first run
-# of that start, validation accuracy 0.44 at 500, 0.38 at 750), and the plain policy gets as many.
+# reflection's validation loss still falls at 1200; the policy started from it (POLICY_INIT)
+# overfits after about 500 iterations (in a first run of that start, validation accuracy 0.44 at
+# 500, 0.38 at 750), and the plain policy gets as many.
 ROLE_ITERS = {"taxi": {"reflection": 1200, "policy": 300, "plain": 1200},
               "autoexplore": {"reflection": 600, "policy": 300, "plain": 300},
               "household": {"reflection": 1200, "policy": 500, "plain": 500}}
@@ -82,8 +83,8 @@ ROLE_ITERS = {"taxi": {"reflection": 1200, "policy": 300, "plain": 1200},
 # states after 1000 iterations, below the plain policy's 36%. Started from the reflection model, which
 # has learned to read and copy the games' text, it reaches 45% after 500 (166 of 368), the plain
 # policy started the same way 42% (153), by python eval.py --env=household --check (300 games per
-# stage; with the default 600, 171 of 356 and 157). On AutoExplore the
-# same start did worse (28 of 127 depth-1 and 125 of 300 deeper states, against 42 and 262 from scratch).
+# stage; with the default 600, 171 of 356 and 157). On AutoExplore the same start did worse (28 of
+# 127 depth-1 and 125 of 300 deeper states, against 42 and 262 from scratch).
 POLICY_INIT = {"taxi": "scratch", "autoexplore": "scratch", "household": "reflection"}
 BUCKET = {"taxi": 1, "autoexplore": 8, "household": 8}  # taxi prompts all have about the same length
 
