@@ -58,6 +58,9 @@ learning_rate = 2e-3  # peak, after warm-up; cosine decay to a tenth
 warmup_iters = 100
 weight_decay = 0.1
 grad_clip = 1.0
+lm_loss = 0.0  # weight of an added next-token loss on every token, the prompt's too (a stand-in for
+               # the reading and copying that pretraining brings); 0 is the completion-only loss.
+               # The logged train loss includes it; the validation loss and accuracy do not
 eval_interval = 250  # validation loss and a checkpoint every this many iterations
 eval_batches = 8
 seed = 1337
@@ -139,28 +142,36 @@ def encode(tok, records, eos_id, block):
 
 
 def get_batch(examples, idxs, pad_id):
-    """Right-padded (B, T) inputs and targets; targets are -1 except on completion tokens."""
+    """Right-padded (B, T) inputs, completion targets y (-1 except on the completion's tokens) and
+    language-model targets y_lm (every next token, -1 on padding)."""
     T = max(len(examples[i][0]) for i in idxs)
     x = torch.full((len(idxs), T), pad_id, dtype=torch.long)
     y = torch.full((len(idxs), T), -1, dtype=torch.long)
+    y_lm = torch.full((len(idxs), T), -1, dtype=torch.long)
     for row, i in enumerate(idxs):
         seq, n_comp = examples[i]
         x[row, :len(seq)] = torch.tensor(seq)
         y[row, len(seq) - n_comp - 1:len(seq) - 1] = torch.tensor(seq[-n_comp:])  # position t predicts t+1
-    return x, y
+        y_lm[row, :len(seq) - 1] = torch.tensor(seq[1:])
+    return x, y, y_lm
 
 
-def sft_loss(model, x, y, eos_id):
-    """Completion-only loss: the LM head runs only where a target exists (cheap for 1-token labels).
-    Returns the mean cross-entropy, and the number of correct argmax predictions and of targets
-    among the completion tokens before EOS (for the policy: the label alone, so that a trivially
-    right EOS does not lift the accuracy)."""
+def sft_loss(model, x, y, eos_id, y_lm=None, lm_weight=0.0):
+    """Completion loss: the LM head runs only where a target exists (cheap for 1-token labels).
+    Returns the mean cross-entropy (plus lm_weight times the mean cross-entropy on the y_lm
+    targets), and the number of correct argmax predictions and of targets among the completion
+    tokens before EOS (for the policy: the label alone, so that a trivially right EOS does not lift
+    the accuracy)."""
     h = model.hidden(x)  # (B, T, C)
     sel = y >= 0
     logits = model.lm_head(h[sel]).float()  # (N, vocab)
     target = y[sel]
     counted = target != eos_id
-    return F.cross_entropy(logits, target), (logits.argmax(-1) == target)[counted].sum(), counted.sum()
+    loss = F.cross_entropy(logits, target)
+    if lm_weight:
+        sel = y_lm >= 0
+        loss = loss + lm_weight * F.cross_entropy(model.lm_head(h[sel]).float(), y_lm[sel])
+    return loss, (logits.argmax(-1) == target)[counted].sum(), counted.sum()
 
 
 def get_tokenizer(init):
@@ -235,7 +246,7 @@ def train(the_role):
         g = random.Random(0)  # the same validation batches every time
         tot = corr = n = counted = 0
         for _ in range(eval_batches):
-            x, y = get_batch(data["val"], g.sample(range(len(data["val"])), min(batch_size, len(data["val"]))), eos_id)
+            x, y, _ = get_batch(data["val"], g.sample(range(len(data["val"])), min(batch_size, len(data["val"]))), eos_id)
             with autocast:
                 loss, c, m = sft_loss(model, x.to(dev), y.to(dev), eos_id)
             k = (y >= 0).sum().item()
@@ -272,9 +283,9 @@ def train(the_role):
             idxs.sort(key=lambda i: len(data["train"][i][0]))
             k = random.randrange(max(1, len(idxs) // batch_size))
             idxs = idxs[k * batch_size:(k + 1) * batch_size]
-        x, y = get_batch(data["train"], idxs, eos_id)
+        x, y, y_lm = get_batch(data["train"], idxs, eos_id)
         with autocast:
-            loss, _, _ = sft_loss(model, x.to(dev), y.to(dev), eos_id)
+            loss, _, _ = sft_loss(model, x.to(dev), y.to(dev), eos_id, y_lm.to(dev), lm_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:  # average gradients across ranks by hand (sft_loss calls model.hidden, not forward)

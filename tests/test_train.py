@@ -1,5 +1,5 @@
-"""sft.py and rl.py: the loss mask, GAE and the PPO loss by hand, tiny end-to-end runs of every
-stage in subprocesses, determinism, exact resume, and bad input."""
+"""sft.py and rl.py: the loss masks (and --lm_loss), GAE and the PPO loss by hand, tiny end-to-end
+runs of every stage in subprocesses, determinism, exact resume, and bad input."""
 import json
 import math
 import os
@@ -8,12 +8,13 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import rl  # noqa: E402
 import sft  # noqa: E402
-from model import EOS, train_tokenizer  # noqa: E402
+from model import EOS, GPT, GPTConfig, train_tokenizer  # noqa: E402
 from envs import LABELS  # noqa: E402
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--vocab_size=400", "--batch_size=8", "--eval_interval=2",
@@ -28,19 +29,26 @@ def run(script, *args, ok=True):
     return p
 
 
-def test_loss_mask_covers_exactly_the_completion():
+def test_loss_masks_and_the_added_lm_loss():
     tok = train_tokenizer(["Taxi at (0,1). Next: move south.\n # Action:\n3"] * 20, 300, LABELS)
     recs = [{"prompt": "Taxi at (0,1).\n # Action:\n", "completion": "3"},
             {"prompt": "x", "completion": "Next: move south."}]
     eos = tok.token_to_id(EOS)
     ex = sft.encode(tok, recs, eos, 512)
-    x, y = sft.get_batch(ex, [0, 1], eos)
+    x, y, y_lm = sft.get_batch(ex, [0, 1], eos)
     for row, r in enumerate(recs):
         p = tok.encode(r["prompt"]).ids
         c = tok.encode(r["completion"]).ids + [eos]
         want = [-1] * (len(p) - 1) + c + [-1] * (x.shape[1] - len(p) - len(c) + 1)
         assert y[row].tolist() == want
+        assert y_lm[row].tolist() == (p + c)[1:] + [-1] * (x.shape[1] - len(p) - len(c) + 1)  # --lm_loss
         assert x[row, :len(p) + len(c)].tolist() == p + c
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_embd=32))
+    plain, _, _ = sft.sft_loss(model, x, y, eos)
+    both, _, _ = sft.sft_loss(model, x, y, eos, y_lm, 0.5)
+    lm = F.cross_entropy(model(x).flatten(0, 1), y_lm.flatten(), ignore_index=-1)  # the whole records
+    assert torch.allclose(both, plain + 0.5 * lm, atol=1e-5)
 
 
 def test_gae_by_hand():
