@@ -45,7 +45,8 @@ plot = False  # instead of evaluating, draw success vs env steps of every RL run
 check = False  # instead of evaluating, score each reflection model's "Next:" step and each policy's
                # choice against the teacher's on data/{env}/*_val.jsonl (--episodes records per stage)
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+config_keys = [k for k, v in globals().items()  # lower-case names only: not the imported LABELS and EOS
+               if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
 # the paper's comparison: (name, policy dir, reflection dir or None), relative to out_dir
 STANDARD = (("SFT", "sft_policy", "sft_reflection"),

@@ -81,7 +81,8 @@ save_interval = 5  # iterations between checkpoints
 seed = 1337
 device = ""  # "" picks cuda, then mps, then cpu
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+config_keys = [k for k, v in globals().items()  # lower-case names only: not the imported LABELS and EOS
+               if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
 
 def parse_args(argv):

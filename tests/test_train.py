@@ -164,8 +164,9 @@ def test_policy_can_start_from_the_reflection_model(trained, tmp_path):
 def test_bad_input(trained, tmp_path):
     data, out = trained
     for script in ("sft.py", "rl.py", "data_gen.py"):
-        p = run(script, "--no_such_flag=1", ok=False)
-        assert p.returncode != 0 and "unknown option" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+        for flag in ("--no_such_flag=1", "--EOS=x"):  # an imported constant is not an option either
+            p = run(script, flag, ok=False)
+            assert p.returncode != 0 and "unknown option" in p.stderr and len(p.stderr.strip().splitlines()) == 1
         p = run(script, "--env=chess", ok=False)
         assert p.returncode != 0 and "chess" in p.stderr.strip().splitlines()[-1]
     p = run("rl.py", f"--out_dir={tmp_path}", ok=False)
