@@ -191,6 +191,26 @@ def test_leave_out_never_hides_a_target(repo):
         assert len(env.actions) == full  # never at test time
 
 
+def test_teacher_reads_down_the_list(repo):
+    # in the target's folder a detour is a read of the first unread file, and the teacher reads on
+    # while the target is not next and time allows; the recovery, reading the target, is a policy target
+    import data_gen
+
+    def episode(horizon):
+        env = envs.make_env("autoexplore", "depth1", horizon=horizon, options=f"repos={repo}")
+        records = data_gen.teacher_episode(env, task(repo, targets=["delta.py"]), 0, random.Random(0), 1.0, False)
+        history = [r["prompt"].split("History: ")[1].split("\n")[0] for r in records["reflection"]]
+        return history, records["policy"][0]
+
+    history, recovery = episode(15)
+    assert history[:4] == ["(none)", "cat README.md", "cat README.md; cat alpha.py",
+                           "cat README.md; cat alpha.py; cat beta.py"]
+    assert recovery["negative"] and recovery["completion"] == "5" and "\n5. cat delta.py\n6. cat gamma.py\n" in recovery["prompt"]
+    history, recovery = episode(4)  # time for two wrong files only: the recovery skips beta.py
+    assert history[:3] == ["(none)", "cat README.md", "cat README.md; cat alpha.py"]
+    assert recovery["completion"] == "5" and "\n4. cat beta.py\n5. cat delta.py\n" in recovery["prompt"]
+
+
 def test_installed_repositories():
     roots = envs.installed_repos()
     names = {os.path.basename(r) for r in roots}
