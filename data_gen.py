@@ -6,8 +6,9 @@ but legal detour instead, and at the next state its reflection names the mistake
 the recovery. (In AutoExplore a wrong file in a target's folder is the first unread one, and the
 teacher reads on down the list until the target is next.) The wrong action is never a policy
 target: at the state where it was taken only the reflection record (the correct analysis) is
-written, and the recovery step that follows is a policy target marked negative=true. The teacher is a privileged template writer (it reads the true
-state), so generation needs no network and is deterministic by seed.
+written, and the recovery step that follows is a policy target marked negative=true. The teacher
+is a privileged template writer (it reads the true state), so generation needs no network and is
+deterministic by seed.
 
 Files written to out_dir, for split in train and val:
     reflection_{split}.jsonl   analyze prompt -> reflection

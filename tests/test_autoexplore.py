@@ -205,7 +205,8 @@ def test_teacher_reads_down_the_list(repo):
     history, recovery = episode(15)
     assert history[:4] == ["(none)", "cat README.md", "cat README.md; cat alpha.py",
                            "cat README.md; cat alpha.py; cat beta.py"]
-    assert recovery["negative"] and recovery["completion"] == "5" and "\n5. cat delta.py\n6. cat gamma.py\n" in recovery["prompt"]
+    assert recovery["negative"] and recovery["completion"] == "5"
+    assert "\n5. cat delta.py\n6. cat gamma.py\n" in recovery["prompt"]
     history, recovery = episode(4)  # time for two wrong files only: the recovery skips beta.py
     assert history[:3] == ["(none)", "cat README.md", "cat README.md; cat alpha.py"]
     assert recovery["completion"] == "5" and "\n4. cat beta.py\n5. cat delta.py\n" in recovery["prompt"]
