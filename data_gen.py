@@ -177,12 +177,12 @@ def explore_detours(env: envs.AutoExplore) -> list[int]:
     target's folder, only the first unread file: the start of a read down the list."""
     left, here = env.horizon - env.steps, env.distance()
     good = {plan[0] for plan in (env.plan(t) for t in env.task["targets"]) if len(plan) == here}
-    reading = any(verb == "cat" for verb, _ in good)
+    only = next_file(env) if any(verb == "cat" for verb, _ in good) else None  # in a target's folder
     out = []
     for i, (verb, name) in enumerate(env.commands):
         cost = {"cat": 1, "cd": 2}.get(verb)
         if cost and (verb, name) not in good and cost + here <= left and not is_target(env, i):
-            if not reading or i == next_file(env):
+            if only is None or i == only:
                 out.append(i)
     return out
 
