@@ -4,11 +4,11 @@ Supervised fine-tuning data for Reflect-RL: teacher trajectories with negative e
 The teacher follows the environment's oracle. At some steps (probability neg_prob) it takes a wrong
 but legal detour instead, and at the next state its reflection names the mistake, what it cost, and
 the recovery. (In AutoExplore the teacher reads down the list in a target's folder: every file
-before the target is a wrong one.) The wrong action is never a policy target: at the state where it
-was taken only the reflection record (the correct analysis) is written, and the recovery step that
-follows is a policy target marked negative=true. The teacher is a privileged template writer (it
-reads the true state), so generation needs no network and is deterministic by seed. AutoExplore's
-training records are also renamed at random (see explore_name), a stand-in for pretraining.
+before the target is a wrong one.) The wrong action is never a policy
+target: at the state where it was taken only the reflection record (the correct analysis) is
+written, and the recovery step that follows is a policy target marked negative=true. The teacher
+is a privileged template writer (it reads the true state), so generation needs no network and is
+deterministic by seed.
 
 Files written to out_dir, for split in train and val:
     reflection_{split}.jsonl   analyze prompt -> reflection
@@ -55,9 +55,9 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_")
 # ----------------------------------------------------------------------------------------------
 # AutoExplore needs more episodes (its tasks are many and varied) and more detours: without them
 # nearly every `cat` in the data is of the answer, and the models learn to identify whatever they
-# have just read. With 0.7 (and the seed that sft.py passes, 1337), 2364 of the 3600 reads of a target
-# in the policy data are of the first unread file (the others: the target was too far down the list
-# for the time left), and 22968 of the 26568 reflections after a read say that the file was wrong.
+# have just read. With 0.7 (and the seed that sft.py passes, 1337), 1681 of the 3600 reads of a target
+# in the policy data come after reading down the list, and 16426 of the 21557 reflections after a read
+# say that the file was wrong.
 ENV_DEFAULTS = {"taxi": {"episodes": 400, "neg_prob": 0.15, "rename": 0.0},
                 "autoexplore": {"episodes": 1200, "neg_prob": 0.7, "rename": 0.5},
                 "household": {"episodes": 1200, "neg_prob": 0.15, "rename": 0.0}}
@@ -281,11 +281,11 @@ def household_detours(env: envs.Household) -> list[int]:
 
 # Each environment's teacher: reflection(env, best, rng, detour) -> text ending in "Next: <move>.",
 # detours(env) -> the wrong but legal actions now, each leaving time to finish within the horizon,
-# follow(env, detour) -> a wrong action that the teacher takes for sure when there are detours at
+# follow(env, detour) -> a wrong action that the teacher takes for sure, when there are detours at
 # all (detour: the one just taken, or None), or None (after a detour, the next step is then the
-# recovery), and name(task) -> (kind, the text that a renamed record replaces with another task's
-# text of that kind) or None. None in place of follow means only random detours, never two in a
-# row; in place of name, that the environment has no renaming.
+# recovery), and name(task) -> (kind, the text that renamed records replace with another task's text
+# of the same kind) or None; None in place of follow means
+# only random detours, never two in a row, in place of name that the environment has no renaming.
 TEACHERS = {"taxi": (taxi_reflection, taxi_detours, None, None),
             "autoexplore": (explore_reflection, explore_detours, explore_follow, explore_name),
             "household": (household_reflection, household_detours, None, None)}
@@ -347,8 +347,7 @@ def teacher_run(env_name: str, options: str, split: str, n_episodes: int, neg_pr
             bar.update(n_episodes)
             continue
         for i in range(n_episodes):
-            episode = teacher_episode(env, tasks[i % len(tasks)], i, rng, neg_prob, shuffle, rename, names)
-            for kind, recs in episode.items():
+            for kind, recs in teacher_episode(env, tasks[i % len(tasks)], i, rng, neg_prob, shuffle, rename, names).items():
                 records[kind] += recs
             bar.update(1)
     return records
