@@ -3,8 +3,8 @@ Supervised fine-tuning data for Reflect-RL: teacher trajectories with negative e
 
 The teacher follows the environment's oracle. At some steps (probability neg_prob) it takes a wrong
 but legal detour instead, and at the next state its reflection names the mistake, what it cost, and
-the recovery. (In AutoExplore the teacher reads down the list in a target's folder: every file
-before the target is a wrong one.) The wrong action is never a policy
+the recovery. (In AutoExplore a wrong file in a target's folder is the first unread one, and the
+teacher reads on down the list until the target is next.) The wrong action is never a policy
 target: at the state where it was taken only the reflection record (the correct analysis) is
 written, and the recovery step that follows is a policy target marked negative=true. The teacher
 is a privileged template writer (it reads the true state), so generation needs no network and is
@@ -28,7 +28,6 @@ check every target against the oracle; autoexplore: the current folder).
 import json
 import os
 import random
-import re
 import sys
 import time
 
@@ -47,8 +46,6 @@ val_episodes = 50  # teacher episodes per stage for the val split
 neg_prob = -1.0  # chance per step that the teacher takes a detour (a negative example); -1 means
                  # the environment's default in ENV_DEFAULTS
 shuffle_labels = False  # permute the action labels at every step, against position bias
-rename = -1.0  # chance that a training record has the task's name swapped for another task's (AutoExplore:
-               # see explore_name); -1 means the environment's default in ENV_DEFAULTS; never in validation
 seed = 0  # drives every random choice: the same seed writes byte-identical files
 config_keys = [k for k, v in globals().items() if not k.startswith("_")
                and isinstance(v, (bool, int, float, str))]
@@ -58,9 +55,8 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_")
 # have just read. With 0.7 (and the seed that sft.py passes, 1337), 1681 of the 3600 reads of a target
 # in the policy data come after reading down the list, and 16426 of the 21557 reflections after a read
 # say that the file was wrong.
-ENV_DEFAULTS = {"taxi": {"episodes": 400, "neg_prob": 0.15, "rename": 0.0},
-                "autoexplore": {"episodes": 1200, "neg_prob": 0.7, "rename": 0.5},
-                "household": {"episodes": 1200, "neg_prob": 0.15, "rename": 0.0}}
+ENV_DEFAULTS = {"taxi": {"episodes": 400, "neg_prob": 0.15}, "autoexplore": {"episodes": 1200, "neg_prob": 0.7},
+                "household": {"episodes": 1200, "neg_prob": 0.15}}
 
 # Reflection templates, one list per sentence of the chain of thought: where the taxi is, where the
 # target is, the wall that matters, then the move and why. Several phrasings of each, so the model
@@ -200,46 +196,13 @@ def next_file(env: envs.AutoExplore) -> int | None:
     return next((i for i, (verb, _) in enumerate(env.commands) if verb == "cat"), None)
 
 
-def explore_follow(env: envs.AutoExplore, detour: str | None) -> int | None:
-    """In a target's folder the teacher reads down the list, from the first unread file, while the
-    next file is not a target and time allows, so that its recovery, reading the target, is always
-    the next file of the list (the shortest path's pick among the files can only be guessed from
-    names, which the scratch model does not know)."""
+def explore_follow(env: envs.AutoExplore, detour: str) -> int | None:
+    """After a wrong file in a target's folder the teacher reads on down the list while the next file
+    is not a target and time allows, so that its recovery, reading the target, is the next file."""
     i, best = next_file(env), env.oracle()
-    if (detour and not detour.startswith("cat ")) or env.commands[best][0] != "cat" or i is None or i == best:
+    if not detour.startswith("cat ") or env.commands[best][0] != "cat" or i is None or i == best:
         return None
     return i if not is_target(env, i) and 1 + env.distance() <= env.horizon - env.steps else None
-
-
-# Renamed records, a stand-in for the copying that pretraining brings. Trained on the tasks' own
-# names, the scratch model learned them rather than to look for the question's words in what it
-# reads, and on held-out repositories it could not tell the answer from a wrong file. In a renamed
-# record the text that the question shares with its answer (a class or function name, a docstring's
-# line, a heading) is replaced everywhere in the record by the same kind of text from another task,
-# drawn afresh per record: a name seen with many answers, so the only way left to recognise the
-# answer is to find the question's words in the file. (Made-up words instead let the model learn a
-# shortcut: a made-up word in the file's text marks the answer.)
-def explore_name(task: dict) -> tuple[str, str] | None:
-    """(kind, the text that the task's question shares with its answer's `cat` view), if it has one."""
-    kind, evidence = task.get("kind"), task.get("evidence", "")
-    if kind == "class":
-        return kind, evidence.removeprefix("class ")
-    if kind == "function":
-        return kind, evidence.removeprefix("def ").removesuffix("(")
-    if kind == "heading":
-        return kind, evidence.lstrip("#").strip()
-    return ("sentence", evidence) if kind in ("module", "docstring") else None
-
-
-def whole(word: str) -> re.Pattern:
-    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
-
-
-def renamed(record: dict, old: str, new: str) -> dict | None:
-    """The record with every whole-word `old` replaced by `new`, or None if `new` is in it already."""
-    if whole(new).search(record["prompt"] + "\n" + record["completion"]):
-        return None
-    return {**record, **{k: whole(old).sub(lambda _: new, record[k]) for k in ("prompt", "completion")}}
 
 
 # The household teacher reads the walkthrough (TextWorld's, or ALFWorld's expert) at every step.
@@ -281,22 +244,16 @@ def household_detours(env: envs.Household) -> list[int]:
 
 # Each environment's teacher: reflection(env, best, rng, detour) -> text ending in "Next: <move>.",
 # detours(env) -> the wrong but legal actions now, each leaving time to finish within the horizon,
-# follow(env, detour) -> a wrong action that the teacher takes for sure, when there are detours at
-# all (detour: the one just taken, or None), or None (after a detour, the next step is then the
-# recovery), and name(task) -> (kind, the text that renamed records replace with another task's text
-# of the same kind) or None; None in place of follow means
-# only random detours, never two in a row, in place of name that the environment has no renaming.
-TEACHERS = {"taxi": (taxi_reflection, taxi_detours, None, None),
-            "autoexplore": (explore_reflection, explore_detours, explore_follow, explore_name),
-            "household": (household_reflection, household_detours, None, None)}
+# and follow(env, detour) -> a further wrong action right after a detour, or None (then the next
+# step is the recovery); None in place of follow means never two detours in a row.
+TEACHERS = {"taxi": (taxi_reflection, taxi_detours, None),
+            "autoexplore": (explore_reflection, explore_detours, explore_follow),
+            "household": (household_reflection, household_detours, None)}
 
 
-def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, shuffle: bool,
-                    rename: float = 0.0, names: dict | None = None) -> dict:
-    """One episode led by the oracle with occasional detours; returns its records of each kind, each
-    renamed with probability `rename`, to a name drawn from `names` (kind -> the split's names)."""
-    reflect, detours, follow, name_of = TEACHERS[env.name]
-    name = name_of(task) if name_of and rename else None
+def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, shuffle: bool) -> dict:
+    """One episode led by the oracle with occasional detours; returns its records of each kind."""
+    reflect, detours, follow = TEACHERS[env.name]
     records = {"reflection": [], "policy": [], "plain": []}
     obs = env.reset(task, seed)
     detour, done = None, False  # detour: the wrong move taken at the previous step, if any
@@ -306,8 +263,8 @@ def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, s
         tags = {"stage": env.stage, "negative": detour is not None, "state": env.state}
         records["reflection"].append({"prompt": envs.analyze_prompt(obs), "completion": reflection, **tags})
         # the step after the last detour is the recovery, the negative example
-        wrong = follow(env, detour) if follow and neg_prob else None
-        if wrong is None and detour is None and rng.random() < neg_prob:
+        wrong = follow(env, detour) if detour is not None and follow else None
+        if detour is None and rng.random() < neg_prob:
             candidates = detours(env)
             wrong = rng.choice(candidates) if candidates else None
         if wrong is None:
@@ -321,24 +278,12 @@ def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, s
         _, done, info = env.step(best if wrong is None else wrong)
         obs, detour = env.observation, detour_text
     assert info["success"], f"teacher episode from task {task} failed: {info}"
-    if name:
-        kind_of_name, old = name
-        records = {kind: [(rng.random() < rename and renamed(r, old, rng.choice(names[kind_of_name]))) or r
-                          for r in recs] for kind, recs in records.items()}
     return records
 
 
-def teacher_run(env_name: str, options: str, split: str, n_episodes: int, neg_prob: float, rng, shuffle: bool, bar,
-                rename: float = 0.0) -> dict:
+def teacher_run(env_name: str, options: str, split: str, n_episodes: int, neg_prob: float, rng, shuffle: bool, bar) -> dict:
     """n_episodes per curriculum stage, from the split's start tasks taken in turn."""
     records = {"reflection": [], "policy": [], "plain": []}
-    name_of, names = TEACHERS[env_name][3], {}
-    if name_of and rename:  # the names of every task of the split, to rename records with
-        for stage in envs.ENVS[env_name].stages:
-            for task in envs.make_env(env_name, stage, options=options).tasks(split):
-                kind, name = name_of(task) or (None, None)
-                if kind and name not in names.setdefault(kind, []):
-                    names[kind].append(name)
     for stage in envs.ENVS[env_name].stages:
         env = envs.make_env(env_name, stage, options=options)
         tasks = env.tasks(split)
@@ -347,7 +292,7 @@ def teacher_run(env_name: str, options: str, split: str, n_episodes: int, neg_pr
             bar.update(n_episodes)
             continue
         for i in range(n_episodes):
-            for kind, recs in teacher_episode(env, tasks[i % len(tasks)], i, rng, neg_prob, shuffle, rename, names).items():
+            for kind, recs in teacher_episode(env, tasks[i % len(tasks)], i, rng, neg_prob, shuffle).items():
                 records[kind] += recs
             bar.update(1)
     return records
@@ -366,9 +311,9 @@ def write_atomic(path: str, text: str):
 
 
 def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_prob: float, seed: int,
-             shuffle_labels: bool = False, env_options: str = "", rename: float = -1.0) -> dict:
+             shuffle_labels: bool = False, env_options: str = "") -> dict:
     """Write every data file to out_dir and return the metadata (also saved as meta.json).
-    episodes=0, neg_prob=-1 and rename=-1 take the environment's defaults."""
+    episodes=0 and neg_prob=-1 take the environment's defaults."""
     envs.make_env(env_name, options=env_options)  # fails early, with the list of names, on an unknown environment
     if env_name not in TEACHERS:
         raise ValueError(f"data_gen.py has no teacher for '{env_name}' yet")
@@ -376,13 +321,8 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
     neg_prob = ENV_DEFAULTS[env_name]["neg_prob"] if neg_prob == -1 else neg_prob
     if episodes < 1 or val_episodes < 1:
         raise ValueError("episodes and val_episodes must be at least 1")
-    rename = ENV_DEFAULTS[env_name]["rename"] if rename == -1 else rename
     if not 0 <= neg_prob <= 1:
         raise ValueError(f"neg_prob must be in [0, 1], got {neg_prob}")
-    if not 0 <= rename <= 1:
-        raise ValueError(f"rename must be in [0, 1], got {rename}")
-    if rename and TEACHERS[env_name][3] is None:
-        raise ValueError(f"{env_name} has no renaming: use --rename=0")
     for stage in envs.ENVS[env_name].stages:  # what the tasks need (household games) is made before the bar starts
         envs.make_env(env_name, stage, options=env_options).tasks("train")
     t0 = time.time()
@@ -394,8 +334,7 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
                 # one random stream per file group, named by string, so that changing one group's
                 # settings never changes another group's data
                 rng = random.Random(f"{seed}/{split}{suffix}")
-                records = teacher_run(env_name, env_options, split, n_episodes, p, rng, shuffle_labels, bar,
-                                      rename if split == "train" else 0.0)
+                records = teacher_run(env_name, env_options, split, n_episodes, p, rng, shuffle_labels, bar)
                 for kind, recs in records.items():
                     files[f"{kind}{suffix}_{split}.jsonl"] = recs
     # everything is generated before anything is written, so a failure leaves old files whole
@@ -406,7 +345,7 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
     meta = {
         "config": {"env": env_name, "out_dir": out_dir, "episodes": episodes, "val_episodes": val_episodes,
                    "neg_prob": neg_prob, "shuffle_labels": shuffle_labels, "seed": seed,
-                   "env_options": env_options, "rename": rename},
+                   "env_options": env_options},
         "stages": list(envs.ENVS[env_name].stages),
         "horizon": envs.make_env(env_name, options=env_options).horizon,
         "counts": {name: len(recs) for name, recs in files.items()},
@@ -444,8 +383,7 @@ if __name__ == "__main__":
     try:
         cfg = parse_overrides(sys.argv[1:], {k: globals()[k] for k in config_keys})
         generate(cfg["env"], cfg["out_dir"] or os.path.join("data", cfg["env"]), cfg["episodes"],
-                 cfg["val_episodes"], cfg["neg_prob"], cfg["seed"], cfg["shuffle_labels"], cfg["env_options"],
-                 cfg["rename"])
+                 cfg["val_episodes"], cfg["neg_prob"], cfg["seed"], cfg["shuffle_labels"], cfg["env_options"])
     except ValueError as e:
         print(f"data_gen.py: {e}", file=sys.stderr)
         sys.exit(2)

@@ -615,15 +615,12 @@ class AutoExplore:
 
     def refresh(self):
         """Recompute the admissible commands and the observation text. The menu puts the moves a
-        reflection can name without a name first, at places that differ by two at most: `cd ..`,
-        `id` of the last file read here, then the unread files, sorted (the first is where a read
-        down the list goes next); then `id` of the other files read here, last read first, and the
-        folders."""
+        reflection can name without a name first, at fixed places: `cd ..`, then `id` of the files
+        read here, the last read first; then the folders and the unread files, sorted."""
         dirs, files, extra = self.listing(self.cwd)
         read_here = [p[-1] for p in reversed(self.read) if p[:-1] == self.cwd and p[-1] in files]
-        self.commands = ([("cd", "..")] if self.cwd else []) + [("id", f) for f in read_here[:1]] + \
-            [("cat", f) for f in files if self.cwd + (f,) not in self.read] + \
-            [("id", f) for f in read_here[1:]] + [("cd", d) for d in dirs]
+        self.commands = ([("cd", "..")] if self.cwd else []) + [("id", f) for f in read_here] + \
+            [("cd", d) for d in dirs] + [("cat", f) for f in files if self.cwd + (f,) not in self.read]
         self.actions = [f"{verb} {name if name == '..' else shown(name)}" for verb, name in self.commands]
         here = " ".join([shown(d) + "/" for d in dirs] + [shown(f) for f in files]) or "(empty)"
         self.state = "/".join(self.cwd)

@@ -192,53 +192,24 @@ def test_leave_out_never_hides_a_target(repo):
 
 
 def test_teacher_reads_down_the_list(repo):
-    # whenever there are detours, the teacher reads down the list in the target's folder while the
-    # target is not next and time allows; the recovery, reading the target, is a policy target
+    # in the target's folder a detour is a read of the first unread file, and the teacher reads on
+    # while the target is not next and time allows; the recovery, reading the target, is a policy target
     import data_gen
 
-    def episode(horizon, neg_prob=1.0):
+    def episode(horizon):
         env = envs.make_env("autoexplore", "depth1", horizon=horizon, options=f"repos={repo}")
-        records = data_gen.teacher_episode(env, task(repo, targets=["delta.py"]), 0, random.Random(0), neg_prob, False)
+        records = data_gen.teacher_episode(env, task(repo, targets=["delta.py"]), 0, random.Random(0), 1.0, False)
         history = [r["prompt"].split("History: ")[1].split("\n")[0] for r in records["reflection"]]
         return history, records["policy"][0]
 
     history, recovery = episode(15)
-    read_down = ["(none)", "cat README.md", "cat README.md; cat alpha.py", "cat README.md; cat alpha.py; cat beta.py"]
-    assert history[:4] == read_down
-    assert recovery["negative"] and recovery["completion"] == "1"  # the next file sits right after `id`
-    assert "\n0. id beta.py\n1. cat delta.py\n2. cat gamma.py\n3. id alpha.py\n" in recovery["prompt"]
+    assert history[:4] == ["(none)", "cat README.md", "cat README.md; cat alpha.py",
+                           "cat README.md; cat alpha.py; cat beta.py"]
+    assert recovery["negative"] and recovery["completion"] == "5"
+    assert "\n5. cat delta.py\n6. cat gamma.py\n" in recovery["prompt"]
     history, recovery = episode(4)  # time for two wrong files only: the recovery skips beta.py
     assert history[:3] == ["(none)", "cat README.md", "cat README.md; cat alpha.py"]
-    assert recovery["completion"] == "2" and "\n1. cat beta.py\n2. cat delta.py\n" in recovery["prompt"]
-    assert episode(15, neg_prob=1e-9)[0][:4] == read_down  # whenever there are detours at all
-    history, recovery = episode(15, neg_prob=0.0)  # none: the shortest path
-    assert history == ["(none)", "cat delta.py"] and not recovery["negative"]
-
-
-def test_renamed_records(repo):
-    # a renamed record has the question's name swapped for another task's, in the question and in the
-    # file that defines it alike; a record left alone is exactly the record of the episode without renaming
-    import data_gen
-    env = env_for(repo)
-    t = next(t for t in env.tasks("train") + env.tasks("test") if t["question"].endswith("class BetaRunner?"))
-    assert data_gen.explore_name(t) == ("class", "BetaRunner")
-    assert data_gen.explore_name(dict(t, kind="table")) is None
-    names = {"class": ["GammaRunner", "Emitter"]}
-    plain = data_gen.teacher_episode(env, t, 0, random.Random(0), 0.0, False)["reflection"]
-    renamed = data_gen.teacher_episode(env, t, 0, random.Random(0), 0.0, False, 1.0, names)["reflection"]
-    for before, after in zip(plain, renamed):
-        name = after["prompt"].split("the class ")[1].split("?")[0]
-        assert name in names["class"] and "BetaRunner" not in after["prompt"]
-        assert after["prompt"] == before["prompt"].replace("BetaRunner", name)
-        assert after["completion"] == before["completion"]
-    assert f"class {name}:" in renamed[-1]["prompt"].split("Result: ")[1]  # the view of beta.py
-    prompts = [r["prompt"] for seed in range(10)
-               for r in data_gen.teacher_episode(env, t, 0, random.Random(seed), 0.0, False, 0.5, names)["reflection"]]
-    assert 0 < sum(p in [r["prompt"] for r in plain] for p in prompts) < len(prompts)
-    assert {p.split("the class ")[1].split("?")[0] for p in prompts} == {"BetaRunner", "GammaRunner", "Emitter"}
-    assert data_gen.renamed(plain[-1], "BetaRunner", "beta") is None  # a name the record has already
-    with pytest.raises(ValueError, match="no renaming"):
-        data_gen.generate("taxi", "unused", 1, 1, 0.0, 0, rename=0.5)
+    assert recovery["completion"] == "5" and "\n4. cat beta.py\n5. cat delta.py\n" in recovery["prompt"]
 
 
 def test_installed_repositories():
