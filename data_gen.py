@@ -149,10 +149,12 @@ WRONG_DIR = ["That folder was the wrong way.", "Going into that folder was a mis
 WRONG_UP = ["Going up was a mistake.", "Leaving that folder was wrong."]
 FOUND = ["The last file read has what the task asks for: it is the answer.", "The last file read answers the task."]
 FOUND_EARLIER = ["A file read before in this folder answers the task."]
+# Each move has one Next: text (the policy reads it, eval.py --check compares it); the sentence
+# before it varies.
 MOVES = {"up": ["Nothing here answers the task. Next: go up.", "The answer is not below here. Next: go up."],
          "down": ["The answer should be in a folder below. Next: go into a folder.",
-                  "Next: go into the folder that fits the task."],
-         "read": ["Next: read a file here.", "One of the files here should answer the task. Next: read it."],
+                  "A folder here should hold the answer. Next: go into a folder."],
+         "read": ["Next: read a file here.", "One of the files here should answer the task. Next: read a file here."],
          "id": ["Next: identify that file."]}
 
 

@@ -82,7 +82,7 @@ config_keys = [k for k, v in globals().items()  # lower-case names only: not the
 # 500, 0.38 at 750; with 360 games, 0.488 after 500 and 0.461 after 1000), and so does the plain
 # policy (0.438 after 500, 0.363 after 1000).
 ROLE_ITERS = {"taxi": {"reflection": 1200, "policy": 300, "plain": 1200},
-              "autoexplore": {"reflection": 600, "policy": 300, "plain": 300},
+              "autoexplore": {"reflection": 600, "policy": 1000, "plain": 300},
               "household": {"reflection": 1200, "policy": 500, "plain": 500}}
 # A policy from scratch on the household games never learned to find the reflection's command in the
 # menu: with the teacher's reflection its most probable action was the teacher's in 27% of validation
