@@ -148,7 +148,6 @@ WRONG_FILE = ["The last file read does not answer the task.", "That file was wro
 WRONG_DIR = ["That folder was the wrong way.", "Going into that folder was a mistake."]
 WRONG_UP = ["Going up was a mistake.", "Leaving that folder was wrong."]
 FOUND = ["The last file read has what the task asks for: it is the answer.", "The last file read answers the task."]
-FOUND_EARLIER = ["A file read before in this folder answers the task."]
 # Each move has one Next: text (the policy reads it, eval.py --check compares it); the sentence
 # before it varies.
 MOVES = {"up": ["Nothing here answers the task. Next: go up.", "The answer is not below here. Next: go up."],
@@ -164,9 +163,8 @@ def explore_reflection(env: envs.AutoExplore, best: int, rng: random.Random, det
     if detour is not None:
         template = WRONG_UP if detour == "cd .." else WRONG_FILE if detour.startswith("cat ") else WRONG_DIR
         sentences.append(rng.choice(template))
-    if verb == "id":
-        last_read = env.history[-1] == f"cat {envs.shown(name)}"
-        sentences.append(rng.choice(FOUND if last_read else FOUND_EARLIER))
+    if verb == "id":  # right after reading the answer: no detour comes between (explore_detours)
+        sentences.append(rng.choice(FOUND))
         move = "id"
     else:
         move = "read" if verb == "cat" else "up" if name == ".." else "down"
@@ -176,9 +174,13 @@ def explore_reflection(env: envs.AutoExplore, best: int, rng: random.Random, det
 def explore_detours(env: envs.AutoExplore) -> list[int]:
     """A `cat` of a file that is not a target, or a `cd` off every shortest path, when there is
     still time to recover: a wrong file costs one step, a wrong folder two (there and back). In a
-    target's folder, only the first unread file: the start of a read down the list."""
+    target's folder, only the first unread file: the start of a read down the list. None once the
+    answer is read: after a detour then, the observation no longer shows why that file is the answer
+    (in a first version, half of the `id` records came after such a detour)."""
     left, here = env.horizon - env.steps, env.distance()
     good = {plan[0] for plan in (env.plan(t) for t in env.task["targets"]) if len(plan) == here}
+    if any(verb == "id" for verb, _ in good):
+        return []
     only = next_file(env) if any(verb == "cat" for verb, _ in good) else None  # in a target's folder
     out = []
     for i, (verb, name) in enumerate(env.commands):

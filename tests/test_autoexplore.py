@@ -200,9 +200,11 @@ def test_teacher_reads_down_the_list(repo):
         env = envs.make_env("autoexplore", "depth1", horizon=horizon, options=f"repos={repo}")
         records = data_gen.teacher_episode(env, task(repo, targets=["delta.py"]), 0, random.Random(0), 1.0, False)
         history = [r["prompt"].split("History: ")[1].split("\n")[0] for r in records["reflection"]]
+        assert records["reflection"][-1]["completion"].endswith("Next: identify that file.")
         return history, records["policy"][0]
 
     history, recovery = episode(15)
+    assert history[-1].endswith("cat delta.py")  # detours at every step, yet none once the answer is read
     assert history[:4] == ["(none)", "cat README.md", "cat README.md; cat alpha.py",
                            "cat README.md; cat alpha.py; cat beta.py"]
     assert recovery["negative"] and recovery["completion"] == "5"
