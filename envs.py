@@ -16,6 +16,7 @@ scratch model's context needs), reward_scale (rl.py trains on reward * reward_sc
 """
 import ast
 import glob
+import hashlib
 import json
 import os
 import random
@@ -520,14 +521,24 @@ def read_task_file(path: str) -> list[dict]:
     return tasks
 
 
-DEAL = ("train", "test", "train", "train", "test", "train", "val", "train", "test", "train")
+# Each repository's split is a hash of its name alone, cut 60/10/30, so that installing another
+# package adds its tasks without moving any other repository. REPO_SEED was picked among
+# SPLIT_SEED + 0..199 as one where, on the default packages, train and test both have deeper tasks
+# (setuptools in test, networkx in train) and validation has depth-2 ones.
+REPO_SEED = SPLIT_SEED + 42
+
+
+def repo_split(root: str) -> str:
+    u = int(hashlib.sha256(f"{REPO_SEED}/{os.path.basename(root)}".encode()).hexdigest(), 16) / 16 ** 64
+    return "train" if u < 0.6 else "val" if u < 0.7 else "test"
 
 
 @lru_cache(maxsize=None)
 def load_tasks(repos: tuple, tasks_file: str, view_chars: int) -> tuple:
     """Every task with its split, from `tasks_file` or else generated from `repos`. The split is by
-    repository (test repositories are never seen in training); with fewer than three repositories
-    it is by task. The choice and the task counts are printed once."""
+    repository (test repositories are never seen in training), by the hash of each one's name when
+    that gives every split a repository, else by a seeded permutation; with fewer than three
+    repositories it is by task. The choice and the task counts are printed once."""
     if tasks_file:
         tasks = read_task_file(tasks_file)
     else:
@@ -535,17 +546,13 @@ def load_tasks(repos: tuple, tasks_file: str, view_chars: int) -> tuple:
     if not tasks:
         raise ValueError("no tasks: the repositories offer no questions (see envs.file_facts)")
     roots = sorted({t["repo"] for t in tasks})
-    # The few repositories with deep targets are dealt out by their count of them, 6:1:3 in turn,
-    # so that each split gets its share; the others are cut 60/10/30 by a seeded permutation.
-    deep = {r: sum(level(t) > 0 for t in tasks if t["repo"] == r) for r in roots}
-    deep = sorted((r for r in roots if deep[r]), key=lambda r: (-deep[r], r))
-    deals = {r: DEAL[i % len(DEAL)] for i, r in enumerate(deep)}
+    split_of = {r: repo_split(r) for r in roots}
+    if set(split_of.values()) != set(SPLITS):  # a few repositories: a seeded permutation of them
+        split_of = {r: split for split in SPLITS for r in split_tasks(roots, split)}
     lines = [f"autoexplore: {len(tasks)} tasks from {len(roots)} repositories"]
     for split in SPLITS:
         if len(roots) >= 3:
-            members = set(split_tasks([r for r in roots if r not in deals], split))
-            members |= {r for r, s in deals.items() if s == split}
-            part = [t for t in tasks if t["repo"] in members]
+            part = [t for t in tasks if split_of[t["repo"]] == split]
         else:
             part = split_tasks(tasks, split)
         for t in part:
@@ -615,12 +622,14 @@ class AutoExplore:
 
     def refresh(self):
         """Recompute the admissible commands and the observation text. The menu puts the moves a
-        reflection can name without a name first, at fixed places: `cd ..`, then `id` of the files
-        read here, the last read first; then the folders and the unread files, sorted."""
+        reflection can name without a name first: `id` of the last file read here (label 0 whenever
+        there is one), the first unread file (read down the list), `cd ..`; then the folders, the
+        other unread files, and `id` of the earlier reads here (the last read first)."""
         dirs, files, extra = self.listing(self.cwd)
-        read_here = [p[-1] for p in reversed(self.read) if p[:-1] == self.cwd and p[-1] in files]
-        self.commands = ([("cd", "..")] if self.cwd else []) + [("id", f) for f in read_here] + \
-            [("cd", d) for d in dirs] + [("cat", f) for f in files if self.cwd + (f,) not in self.read]
+        ids = [("id", p[-1]) for p in reversed(self.read) if p[:-1] == self.cwd and p[-1] in files]
+        cats = [("cat", f) for f in files if self.cwd + (f,) not in self.read]
+        self.commands = ids[:1] + cats[:1] + ([("cd", "..")] if self.cwd else []) + \
+            [("cd", d) for d in dirs] + cats[1:] + ids[1:]
         self.actions = [f"{verb} {name if name == '..' else shown(name)}" for verb, name in self.commands]
         here = " ".join([shown(d) + "/" for d in dirs] + [shown(f) for f in files]) or "(empty)"
         self.state = "/".join(self.cwd)

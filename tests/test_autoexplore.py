@@ -173,6 +173,41 @@ def test_costs_and_termination(repo):
     assert (reward, done, info["success"]) == (-1, True, False)  # out of time
 
 
+def test_menu_puts_the_unnamed_moves_first(repo):
+    # "identify that file" is label 0 wherever a file was read here; reading down the list is the
+    # first `cat`, right after it; then `cd ..`, the folders, the other unread files, the older reads
+    env = env_for(repo)
+    env.reset(task(repo, targets=["pkg/io.py"]), seed=0)
+    assert env.actions[:3] == ["cat README.md", "cd data", "cd pkg"]
+    env.step(env.actions.index("cat beta.py"))
+    env.step(env.actions.index("cat README.md"))
+    assert env.actions == ["id README.md", "cat alpha.py", "cd data", "cd pkg", "cat delta.py", "cat gamma.py",
+                           "id beta.py"]
+    env.step(env.actions.index("cd pkg"))
+    assert env.actions[:2] == ["cat cache.py", "cd .."]
+    env.step(0)
+    assert env.actions[:3] == ["id cache.py", "cat io.py", "cd .."]
+
+
+def test_split_by_repository_name(tmp_path):
+    # a repository's split follows from its name alone: another repository more or less never moves
+    # it (names chosen so that the six, and the last five, cover the three splits)
+    roots = []
+    for i in range(6):
+        roots.append(str(tmp_path / f"repo{i}"))
+        os.rename(make_repo(str(tmp_path / f"base{i}")), roots[-1])
+
+    def splits(chosen):
+        tasks = envs.load_tasks(tuple(os.path.realpath(r) for r in chosen), "", 400)
+        return {os.path.basename(t["repo"]): t["split"] for t in tasks}
+
+    every = splits(roots)
+    assert every == {f"repo{i}": envs.repo_split(f"repo{i}") for i in range(6)}
+    assert set(every.values()) == set(envs.SPLITS)
+    fewer = splits(roots[1:])
+    assert fewer == {name: split for name, split in every.items() if name != "repo0"}
+
+
 def test_leave_out_never_hides_a_target(repo):
     env = env_for(repo, leave_out=0.9)
     t = task(repo, targets=["pkg/sub/parse.py"], split="train")
@@ -207,11 +242,11 @@ def test_teacher_reads_down_the_list(repo):
     assert history[-1].endswith("cat delta.py")  # detours at every step, yet none once the answer is read
     assert history[:4] == ["(none)", "cat README.md", "cat README.md; cat alpha.py",
                            "cat README.md; cat alpha.py; cat beta.py"]
-    assert recovery["negative"] and recovery["completion"] == "5"
-    assert "\n5. cat delta.py\n6. cat gamma.py\n" in recovery["prompt"]
+    assert recovery["negative"] and recovery["completion"] == "1"  # the first unread file, after `id` of the last read
+    assert "\n0. id beta.py\n1. cat delta.py\n2. cd data\n" in recovery["prompt"]
     history, recovery = episode(4)  # time for two wrong files only: the recovery skips beta.py
     assert history[:3] == ["(none)", "cat README.md", "cat README.md; cat alpha.py"]
-    assert recovery["completion"] == "5" and "\n4. cat beta.py\n5. cat delta.py\n" in recovery["prompt"]
+    assert recovery["completion"] == "4" and "\n1. cat beta.py\n2. cd data\n3. cd pkg\n4. cat delta.py\n" in recovery["prompt"]
 
 
 def test_installed_repositories():
