@@ -233,7 +233,11 @@ def read_val(path, stages):
 
 def report_rows(stage, hits, recs, taught):
     """Agreement rows: all records, those right after a detour, and the teacher's 8 most frequent
-    answers (taught[i] is the teacher's answer in recs[i])."""
+    answers (taught[i] is the teacher's answer in recs[i]). An answer in under 5% of the records
+    joins the others of its first word ("cat <other>"), so that moves that name files or objects
+    are still counted by kind."""
+    counts = Counter(taught)
+    taught = [t if counts[t] >= 0.05 * len(taught) or not t.split() else f"{t.split()[0]} <other>" for t in taught]
     groups = {"(all)": range(len(recs)), "(after a detour)": [i for i, r in enumerate(recs) if r["negative"]]}
     for want, _ in Counter(taught).most_common(8):
         groups[want] = [i for i, t in enumerate(taught) if t == want]

@@ -195,6 +195,14 @@ def test_check_counts_agreement(tiny, tmp_path, monkeypatch):
     assert rows[("full", "(all)")] == (1, 0.0) and rows[("full", "move south")] == (1, 0.0)
 
 
+def test_rare_answers_are_counted_by_their_first_word():
+    recs = [{"negative": False}] * 40
+    taught = ["cd .."] * 20 + [f"cat f{i}.py" for i in range(20)]
+    hits = [True] * 20 + [i % 2 == 0 for i in range(20)]
+    rows = {r["teacher"]: (r["records"], r["agree"]) for r in evaluation.report_rows("s", hits, recs, taught)}
+    assert rows == {"(all)": (40, 0.75), "(after a detour)": (0, 0.0), "cd ..": (20, 1.0), "cat <other>": (20, 0.5)}
+
+
 def test_check_runs_and_reports_missing_data(tiny, tmp_path):
     p = run(tmp_path, f"--methods=tiny={tiny}+{tiny}", "--check")
     assert p.returncode == 1 and p.stderr.startswith("error: no validation data at data/taxi/reflection_val.jsonl")
