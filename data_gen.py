@@ -159,8 +159,7 @@ MOVES = {"up": ["Nothing here answers the task. Next: go up.", "The answer is no
 
 def explore_reflection(env: envs.AutoExplore, best: int, rng: random.Random, detour: str | None) -> str:
     verb, name = env.commands[best]
-    evidence = env.task.get("evidence", "").split()[:5]
-    sentences = [f'Looking for "{" ".join(evidence)}".'] if evidence else []
+    sentences = []
     if detour is not None:
         template = WRONG_UP if detour == "cd .." else WRONG_FILE if detour.startswith("cat ") else WRONG_DIR
         sentences.append(rng.choice(template))
