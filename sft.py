@@ -81,8 +81,8 @@ config_keys = [k for k, v in globals().items()  # lower-case names only: not the
 # probable action was the teacher's in 114 of 191 validation states, against 53 after 250.
 # Its reflection model, trained 2400 iterations instead of 600 (on the data of commit 13a8f60), said
 # "identify that file" where the teacher did in 42 of 55 validation states, against 11 of 55 (but
-# "read a file here" in 141 of 237, against 197); the default is 1200, a compromise with time,
-# which on the data of commit cbad995 says it in 8 of 40 (see the README's AutoExplore results).
+# "read a file here" in 141 of 237, against 197); the default is 1200, a compromise with time. On
+# the data of commit cbad995 that did not hold: 8 of 40 at 1200, 11 of 40 at 2400 (see the README).
 # On the household games (chosen with 180 per stage for training and no LM loss, kept since) the
 # reflection's validation loss still falls at 1200; the policy started from it (POLICY_INIT)
 # overfits after about 500 iterations (in a first run of that start, validation accuracy 0.44 at
