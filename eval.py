@@ -8,9 +8,10 @@ dangerous-termination rate, mean steps), printed as Markdown and written to {out
     python eval.py --plot                           # only the learning curves of the RL runs -> curves.png
     python eval.py --check                          # only: do the reflection model and the policy agree with the teacher?
 
-A method is `name=policy_dir` (the policy reads the observation alone) or
+A method is `name=policy_dir` (the policy reads the observation alone),
 `name=policy_dir+reflection_dir` (a frozen reflection model writes an analysis first, as in
-Reflect-RL). Episode k of a stage starts from test task k % len(tasks) with seed k, so every method
+Reflect-RL), or `name=+reflection_dir` (no policy: the action whose text is the analysis's `Next:`
+step, a random one when none is; what a policy that follows the analysis exactly would do). Episode k of a stage starts from test task k % len(tasks) with seed k, so every method
 meets the same tasks in the same order.
 """
 import glob
@@ -101,27 +102,30 @@ def method_specs():
     for item in methods.split(","):
         name, eq, dirs = item.partition("=")
         pol, _, refl = dirs.partition("+")
-        if not (eq and name.strip() and pol):
-            raise SystemExit(f"error: --methods wants name=policy_dir[+reflection_dir], got {item!r}")
+        if not (eq and name.strip() and (pol or refl)):
+            raise SystemExit(f"error: --methods wants name=policy_dir[+reflection_dir] or name=+reflection_dir, got {item!r}")
         specs.append((name.strip(), pol, refl or None))
     return specs
 
 
 def load_agent(name, policy_dir, reflection_dir, cache):
     """A method as a dict: the policy (model, tokenizer, label ids) and the reflection (model,
-    tokenizer) or None. Models are loaded once, however many methods share them."""
+    tokenizer) or None; without a policy, kind "follow" and the reflection alone. Models are loaded
+    once, however many methods share them."""
     def load(path):
         if path not in cache:
             model, tok, _ = load_checkpoint(path, dev)
             cache[path] = (model.eval(), tok)
         return cache[path]
 
-    policy, tok = load(policy_dir)
-    labels = torch.tensor(label_token_ids(tok, LABELS), device=dev)  # start-up check: labels are one token
     reflection = load(reflection_dir) if reflection_dir else None
     if reflection and reflection[0].config.block_size <= reflection_max_tokens:
         raise ValueError(f"{reflection_dir}: block_size {reflection[0].config.block_size} leaves no room "
                          f"for a prompt before {reflection_max_tokens} reflection tokens")
+    if not policy_dir:
+        return {"name": name, "kind": "follow", "reflection": reflection}
+    policy, tok = load(policy_dir)
+    labels = torch.tensor(label_token_ids(tok, LABELS), device=dev)  # start-up check: labels are one token
     return {"name": name, "kind": "model", "policy": (policy, tok, labels), "reflection": reflection}
 
 
@@ -146,6 +150,10 @@ def act(agent, batch, g):
     if agent["reflection"]:
         # an empty analysis stays a string: the prompt keeps the Analyze header the policy trained with
         reflections = reflect(agent["reflection"], [analyze_prompt(e.observation) for e in batch], g)
+    if agent["kind"] == "follow":
+        named = [next_step(r).removesuffix(".") for r in reflections]
+        return [e.actions.index(n) if n in e.actions else int(torch.randint(len(e.actions), (), generator=g, device=g.device))
+                for e, n in zip(batch, named)]
     model, tok, labels = agent["policy"]
     prompts = [tok.encode(policy_prompt(e.observation, e.actions, r, LABELS), add_special_tokens=False).ids
                [-model.config.block_size:] for e, r in zip(batch, reflections)]  # left-truncate: keep the question
@@ -259,7 +267,7 @@ def check_models(specs, data, g):
     if not specs:
         raise SystemExit("error: no model to check: train one with sft.py or name it in --methods")
     refl_dirs = sorted({r for _, _, r in specs if r})
-    pol_dirs = sorted({(p, bool(r)) for _, p, r in specs})
+    pol_dirs = sorted({(p, bool(r)) for _, p, r in specs if p})
     report = {"reflection": {}, "policy": {}}
     head = "| stage | records | teacher says | agree |\n| --- | --- | --- | --- |"
     if refl_dirs:

@@ -195,6 +195,36 @@ def test_check_counts_agreement(tiny, tmp_path, monkeypatch):
     assert rows[("full", "(all)")] == (1, 0.0) and rows[("full", "move south")] == (1, 0.0)
 
 
+def test_reflection_alone_takes_the_named_action(tiny, monkeypatch):
+    """`name=+reflection_dir`: the action whose text is the analysis's Next: step; a random one when no
+    action has that text (here the sampled text names none in every other env)."""
+    from model import load_checkpoint
+    _, tok, _ = load_checkpoint(str(tiny), "cpu")
+    said = iter(["Next: pick up.", "Next: fly away.", "Clear. Next: move west.", "no step at all"] * 50)
+
+    class Scripted:
+        config = GPTConfig(block_size=512)
+
+        def eval(self):
+            return self
+
+        def generate(self, prompts, max_new, temperature, stop, generator):
+            return [tok.encode(" " + next(said), add_special_tokens=False).ids for _ in prompts]
+
+    monkeypatch.setattr(evaluation, "load_checkpoint", lambda d, dev: (Scripted(), tok, None))
+    monkeypatch.setattr(evaluation, "dev", "cpu", raising=False)
+    agent = evaluation.load_agent("follow", "", "r", {})
+    assert agent["kind"] == "follow" and "policy" not in agent
+    batch = [envs.make_env("taxi", "pickup") for _ in range(200)]
+    for k, e in enumerate(batch):
+        e.reset(e.tasks("test")[k % len(e.tasks("test"))], seed=k)
+    chosen = evaluation.act(agent, batch, torch.Generator().manual_seed(0))
+    assert all(a == batch[0].actions.index("pick up") for a in chosen[0::4])
+    assert all(a == batch[0].actions.index("move west") for a in chosen[2::4])
+    unnamed = chosen[1::4] + chosen[3::4]
+    assert set(unnamed) == set(range(len(batch[0].actions)))  # random over every action
+
+
 def test_rare_answers_are_counted_by_their_first_word():
     recs = [{"negative": False}] * 40
     taught = ["cd .."] * 20 + [f"cat f{i}.py" for i in range(20)]
