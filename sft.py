@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import LABELS, ENVS
+from envs import ENVS, LABELS, MENU_HEAD, parse_menu, policy_prompt
 from model import EOS, GPT, GPTConfig, label_token_ids, load_checkpoint, pick_device, pretrained_tokenizer, \
     save_checkpoint, train_tokenizer
 
@@ -62,6 +62,9 @@ lm_loss = -1.0  # weight of an added next-token loss on every token, the prompt'
                 # the reading and copying that pretraining brings); 0 is the completion-only loss, a
                 # negative value the environment's default in LM_LOSS. The logged train loss includes
                 # it; the validation loss and accuracy do not
+shuffle_labels = -1  # policy and plain: 1 permutes the menu labels of a record anew at every draw,
+                     # so that the label can only be found by reading the menu; 0 keeps the data's
+                     # labels; -1 means the environment's default in SHUFFLE_LABELS
 eval_interval = 250  # validation loss and a checkpoint every this many iterations
 eval_batches = 8
 seed = 1337
@@ -107,6 +110,7 @@ BUCKET = {"taxi": 1, "autoexplore": 8, "household": 8}  # taxi prompts all have 
 # validation batches: noisy). It lifted Reflect-RL on the test games on every stage (README, Household).
 # On AutoExplore it made the policy agree less often with the teacher's step (README, AutoExplore).
 LM_LOSS = {"taxi": 0.0, "autoexplore": 0.0, "household": 1.0}
+SHUFFLE_LABELS = {"taxi": 0, "autoexplore": 0, "household": 0}
 
 
 def parse_args(argv):
@@ -155,6 +159,14 @@ def encode(tok, records, eos_id, block):
         p = p[-(block - len(c)):]  # left-truncate the prompt if needed (keeps its end, the question)
         out.append((p + c, len(c)))
     return out
+
+
+def permute_labels(r):
+    """The record with its menu labels in a fresh random order; the completion follows its action."""
+    labels, actions = parse_menu(r["prompt"])
+    new = random.sample(LABELS[:len(labels)], len(labels))
+    head = r["prompt"].rpartition(MENU_HEAD)[0].removesuffix("\n")  # observation (and analysis)
+    return {"prompt": policy_prompt(head, actions, None, new), "completion": new[labels.index(r["completion"])]}
 
 
 def get_batch(examples, idxs, pad_id):
@@ -243,9 +255,8 @@ def train(the_role):
             model = GPT.from_pretrained(init, **lora)
     label_token_ids(tok, LABELS)  # start-up check: every action label is one token
     eos_id = tok.token_to_id(EOS)
-    data = {s: encode(tok, read_jsonl(os.path.join(data_dir, f"{the_role}{suffix}_{s}.jsonl")), eos_id,
-                     model.config.block_size)
-            for s in ("train", "val")}
+    raw = {s: read_jsonl(os.path.join(data_dir, f"{the_role}{suffix}_{s}.jsonl")) for s in ("train", "val")}
+    data = {s: encode(tok, raw[s], eos_id, model.config.block_size) for s in ("train", "val")}
     model.to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]  # no weight decay on biases and layer norms
@@ -299,7 +310,11 @@ def train(the_role):
             idxs.sort(key=lambda i: len(data["train"][i][0]))
             k = random.randrange(max(1, len(idxs) // batch_size))
             idxs = idxs[k * batch_size:(k + 1) * batch_size]
-        x, y, y_lm = get_batch(data["train"], idxs, eos_id)
+        if shuffle_labels and the_role != "reflection":  # lengths are unchanged: every label is one token
+            x, y, y_lm = get_batch(encode(tok, [permute_labels(raw["train"][i]) for i in idxs], eos_id, model.config.block_size),
+                                   range(len(idxs)), eos_id)
+        else:
+            x, y, y_lm = get_batch(data["train"], idxs, eos_id)
         with autocast:
             loss, _, _ = sft_loss(model, x.to(dev), y.to(dev), eos_id, y_lm.to(dev), lm_loss)
         optimizer.zero_grad(set_to_none=True)
@@ -334,6 +349,8 @@ if __name__ == "__main__":
              "plain": ["plain"]}
     if role not in roles:
         raise SystemExit(f"error: unknown role {role!r}: choose from {', '.join(roles)}")
+    if shuffle_labels not in (-1, 0, 1):
+        raise SystemExit(f"error: --shuffle_labels wants -1, 0 or 1, got {shuffle_labels}")
     if policy_init not in ("", "scratch", "reflection"):
         raise SystemExit(f"error: unknown --policy_init={policy_init!r}: choose scratch or reflection")
     data_dir = data_dir or os.path.join("data", env)
@@ -341,6 +358,7 @@ if __name__ == "__main__":
     block_size = block_size or ENVS[env].context
     bucket = bucket or BUCKET[env]
     lm_loss = LM_LOSS[env] if lm_loss < 0 else lm_loss
+    shuffle_labels = SHUFFLE_LABELS[env] if shuffle_labels < 0 else shuffle_labels
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dev = device or pick_device()
     if world > 1:

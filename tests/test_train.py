@@ -161,6 +161,25 @@ def test_policy_can_start_from_the_reflection_model(trained, tmp_path):
     assert not torch.equal(pol["model"]["lm_head.weight"], refl["model"]["lm_head.weight"])
 
 
+def test_permuted_labels_follow_their_actions(trained, tmp_path):
+    import envs
+    rec = {"prompt": envs.policy_prompt("Taxi at (0,1).", ["move south", "move north", "pick up"], "Next: pick up."),
+           "completion": "2"}
+    seen = set()
+    for _ in range(50):
+        r = sft.permute_labels(rec)
+        labels, actions = envs.parse_menu(r["prompt"])
+        assert actions == ["move south", "move north", "pick up"] and sorted(labels) == ["0", "1", "2"]
+        assert actions[labels.index(r["completion"])] == "pick up"
+        assert r["prompt"] == envs.policy_prompt("Taxi at (0,1).", actions, "Next: pick up.", labels)
+        seen.add("".join(labels))
+    assert len(seen) == 6  # every order of three labels turns up
+    data, _ = trained
+    run("sft.py", f"--data_dir={data}", f"--out_dir={tmp_path}", "--role=plain", "--max_iters=2", "--shuffle_labels=1", *TINY)
+    p = run("sft.py", "--shuffle_labels=2", ok=False)
+    assert p.returncode != 0 and p.stderr.strip() == "error: --shuffle_labels wants -1, 0 or 1, got 2"
+
+
 def test_bad_input(trained, tmp_path):
     data, out = trained
     for script in ("sft.py", "rl.py", "data_gen.py"):
