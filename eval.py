@@ -11,8 +11,9 @@ dangerous-termination rate, mean steps), printed as Markdown and written to {out
 A method is `name=policy_dir` (the policy reads the observation alone),
 `name=policy_dir+reflection_dir` (a frozen reflection model writes an analysis first, as in
 Reflect-RL), or `name=+reflection_dir` (no policy: the action whose text is the analysis's `Next:`
-step, a random one when none is; what a policy that follows the analysis exactly would do). Episode k of a stage starts from test task k % len(tasks) with seed k, so every method
-meets the same tasks in the same order.
+step, a random one when none is; what a policy that follows the analysis exactly would do).
+Episode k of a stage starts from test task k % len(tasks) with seed k, so every method meets the
+same tasks in the same order.
 """
 import glob
 import json
