@@ -73,28 +73,15 @@ dtype = "float32"  # float32 | bfloat16 (autocast, on cuda)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()  # lower-case names only: not the imported LABELS and EOS
                if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))]
-# Measured on DangerousTaxi: the reflection model and the plain policy must read the map, and after
-# 600 iterations the reflection still named a non-shortest move in 5% of states (0.4% after 1500,
-# by a one-off check on every taxi state, sampled at temperature 0.7);
-# the policy with reflection only copies the reflection's last sentence and is at 99% after 250.
-# On AutoExplore, prompts are longer (60 to 1000 tokens), and the plain policy overfitted past ~250
-# iterations (its validation accuracy fell from 250 to 500 iterations, on an earlier, smaller data set).
-# The policy with reflection is still learning to read the analysis at 300: validation accuracy 0.31
-# after 250 iterations, 0.44 after 750, 0.45 after 1000 (data of commit ed05559), when its most
-# probable action was the teacher's in 114 of 191 validation states, against 53 after 250.
-# Its reflection model, trained 2400 iterations instead of 600 (on the data of commit 13a8f60), said
-# "identify that file" where the teacher did in 42 of 55 validation states, against 11 of 55 (but
-# "read a file here" in 141 of 237, against 197); the default is 1200, a compromise with time. On
-# the data of commit cbad995 that did not hold: 8 of 40 at 1200, 11 of 40 at 2400 (see the README).
-# On the household games (chosen with 180 per stage for training and no LM loss, kept since) the
-# reflection's validation loss still falls at 1200; the policy started from it (POLICY_INIT)
-# overfits after about 500 iterations (in a first run of that start, validation accuracy 0.44 at
-# 500, 0.38 at 750; with 360 games, 0.488 after 500 and 0.461 after 1000), and so does the plain
-# policy (0.438 after 500, 0.363 after 1000). With the labels permuted at every draw (SHUFFLE_LABELS)
-# neither can learn the training games' labels by heart and both keep learning: the policy's
-# validation accuracy was 0.199 at 250, 0.227 at 500, 0.402 at 1000, 0.566 at 1500 and 0.594 at 3000,
-# the plain policy's 0.496 at 3000. Resumed to 6000 they reached 0.70 and 0.54, and Reflect-RL 63.3% on
-# the household's full stage against 43.9% (README, Household): the next default, once the table is rerun.
+# Iterations per role, from measurements (README, Results). Taxi: the reflection model and the plain
+# policy must read the map (the reflection named a non-shortest move in 5% of states after 600
+# iterations, 0.4% after 1500); the policy with reflection copies the analysis's last sentence (99%
+# after 250). AutoExplore: the plain policy overfitted past ~250; the policy with reflection still
+# learned at 1000 (the teacher's action first in 114 of 191 validation states, 53 after 250); the
+# reflection's 1200 is a compromise with time (2400 did not help on the current data). Household:
+# without SHUFFLE_LABELS the policies overfit after ~500; with it they keep learning the menu
+# look-up, validation label accuracy 0.55 at 3000 and 0.74 at 6000 (plain 0.50 and 0.59, one run
+# of 6000); 6000 becomes the default once the household table is rerun with it.
 ROLE_ITERS = {"taxi": {"reflection": 1200, "policy": 300, "plain": 1200},
               "autoexplore": {"reflection": 1200, "policy": 1000, "plain": 300},
               "household": {"reflection": 1200, "policy": 3000, "plain": 3000}}
