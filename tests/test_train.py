@@ -180,6 +180,30 @@ def test_permuted_labels_follow_their_actions(trained, tmp_path):
     assert p.returncode != 0 and p.stderr.strip() == "error: --shuffle_labels wants -1, 0 or 1, got 2"
 
 
+def test_renamed_objects(tmp_path):
+    """Every name of the record's game becomes another training name of its type, the same in prompt and
+    completion, whole words only, capitals kept; records without a TextWorld game stay as they are."""
+    def game(name, objects):
+        infos = [["P", {"type": "P", "name": None}], ["r_0", {"type": "r", "name": "kitchen"}]]
+        infos += [[f"o_{i}", {"type": kind, "name": n}] for i, (n, kind) in enumerate(objects)]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"infos": infos}))
+        return {"game": str(tmp_path / f"{name}.z8"), "commands": []}
+    train = [{"prompt": "", "completion": "", "state": game("a", [("red key", "k"), ("safe", "c"), ("hat", "o")])},
+             {"prompt": "", "completion": "", "state": game("b", [("blue key", "k"), ("type 5 box", "c"), ("cap", "o")])}]
+    pool = sft.name_pool(train)
+    assert pool == {"k": ["blue key", "red key"], "c": ["safe", "type 5 box"], "o": ["cap", "hat"]}
+    rec = {"prompt": "Goal: Put the hat in the safe. Here: kitchen. A safe, a hats rack. Red key here.",
+           "completion": "Next: insert hat into safe.", "state": train[0]["state"]}
+    r = sft.rename_objects(rec, pool)
+    assert r["prompt"] == ("Goal: Put the cap in the type 5 box. Here: kitchen. A type 5 box, a hats rack. "
+                           "Blue key here.")
+    assert r["completion"] == "Next: insert cap into type 5 box." and r["state"] == rec["state"]
+    plain = {"prompt": "Taxi at (0,1).", "completion": "1", "state": 7}
+    assert sft.rename_objects(plain, pool) is plain and sft.name_pool([plain]) == {}
+    p = run("sft.py", "--rename=2", ok=False)
+    assert p.returncode != 0 and p.stderr.strip() == "error: --rename wants -1, 0 or 1, got 2"
+
+
 def test_bad_input(trained, tmp_path):
     data, out = trained
     for script in ("sft.py", "rl.py", "data_gen.py"):
