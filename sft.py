@@ -69,7 +69,7 @@ shuffle_labels = -1  # policy and plain: 1 permutes the menu labels of a record 
 rename = -1  # 1 renames the objects of a household game at every draw (each takes the name of a random
             # object of the same TextWorld type from the training games, in prompt and completion),
             # so that names must be read and copied, not remembered; 0 keeps them; -1 means the
-            # environment's default in RENAME. Only games with TextWorld's .json (not ALFWorld's)
+            # environment's default in RENAME. ALFWorld's games keep their names
 eval_interval = 250  # validation loss and a checkpoint every this many iterations
 eval_batches = 8
 seed = 1337
@@ -310,6 +310,9 @@ def train(the_role):
     raw = {s: read_jsonl(os.path.join(data_dir, f"{the_role}{suffix}_{s}.jsonl")) for s in ("train", "val")}
     data = {s: encode(tok, raw[s], eos_id, model.config.block_size) for s in ("train", "val")}
     pool = name_pool(raw["train"]) if rename else {}
+    if rename and not pool:
+        raise ValueError(f"--rename=1 found no object names in {data_dir}: it renames the objects of generated "
+                         "household games only")
     model.to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]  # no weight decay on biases and layer norms

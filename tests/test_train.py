@@ -180,7 +180,7 @@ def test_permuted_labels_follow_their_actions(trained, tmp_path):
     assert p.returncode != 0 and p.stderr.strip() == "error: --shuffle_labels wants -1, 0 or 1, got 2"
 
 
-def test_renamed_objects(tmp_path):
+def test_renamed_objects(trained, tmp_path):
     """Every name of the record's game becomes another training name of its type, the same in prompt and
     completion, whole words only, capitals kept; records without a TextWorld game stay as they are."""
     def game(name, objects):
@@ -198,10 +198,13 @@ def test_renamed_objects(tmp_path):
     assert r["prompt"] == ("Goal: Put the cap in the type 5 box. Here: kitchen. A type 5 box, a hats rack. "
                            "Blue key here.")
     assert r["completion"] == "Next: insert cap into type 5 box." and r["state"] == rec["state"]
+    data, _ = trained
     plain = {"prompt": "Taxi at (0,1).", "completion": "1", "state": 7}
     assert sft.rename_objects(plain, pool) is plain and sft.name_pool([plain]) == {}
     p = run("sft.py", "--rename=2", ok=False)
     assert p.returncode != 0 and p.stderr.strip() == "error: --rename wants -1, 0 or 1, got 2"
+    p = run("sft.py", f"--data_dir={data}", f"--out_dir={tmp_path}", "--role=plain", "--rename=1", *TINY, ok=False)
+    assert p.returncode != 0 and p.stderr.strip().endswith("renames the objects of generated household games only")
 
 
 def test_bad_input(trained, tmp_path):
