@@ -367,8 +367,8 @@ def train(the_role):
             k = random.randrange(max(1, len(idxs) // batch_size))
             idxs = idxs[k * batch_size:(k + 1) * batch_size]
         shuffle = shuffle_labels and the_role != "reflection"
-        if shuffle or pool:  # drawn records changed afresh (the bucket's lengths are the data's)
-            recs = [rename_objects(raw["train"][i], pool) if pool else raw["train"][i] for i in idxs]
+        if shuffle or rename:  # drawn records changed afresh (the bucket's lengths are the data's)
+            recs = [rename_objects(raw["train"][i], pool) if rename else raw["train"][i] for i in idxs]
             recs = [permute_labels(r) for r in recs] if shuffle else recs
             x, y, y_lm = get_batch(encode(tok, recs, eos_id, model.config.block_size), range(len(idxs)), eos_id)
         else:

@@ -183,6 +183,8 @@ def test_permuted_labels_follow_their_actions(trained, tmp_path):
 def test_renamed_objects(trained, tmp_path):
     """Every name of the record's game becomes another training name of its type, the same in prompt and
     completion, whole words only, capitals kept; records without a TextWorld game stay as they are."""
+    data, _ = trained
+
     def game(name, objects):
         infos = [["P", {"type": "P", "name": None}], ["r_0", {"type": "r", "name": "kitchen"}]]
         infos += [[f"o_{i}", {"type": kind, "name": n}] for i, (n, kind) in enumerate(objects)]
@@ -198,7 +200,6 @@ def test_renamed_objects(trained, tmp_path):
     assert r["prompt"] == ("Goal: Put the cap in the type 5 box. Here: kitchen. A type 5 box, a hats rack. "
                            "Blue key here.")
     assert r["completion"] == "Next: insert cap into type 5 box." and r["state"] == rec["state"]
-    data, _ = trained
     plain = {"prompt": "Taxi at (0,1).", "completion": "1", "state": 7}
     assert sft.rename_objects(plain, pool) is plain and sft.name_pool([plain]) == {}
     p = run("sft.py", "--rename=2", ok=False)
