@@ -715,6 +715,14 @@ def clean_text(text: str, limit: int) -> str:
     return text
 
 
+def recipe(game) -> str:
+    """What a cooking game's cookbook asks for, as a sentence for the goal ("" for other games).
+    TextWorld's objective only says to read the cookbook, and its walkthrough never does, so without
+    this no observation would tell which food on the shelf is the one to take."""
+    ingredients = [item[0] for item in game.metadata.get("ingredients", [])]
+    return f" The cookbook's recipe needs: {', '.join(ingredients)}." if ingredients else ""
+
+
 def household_game_kind(stage: str, index: int) -> tuple[str, int]:
     """Which generator makes game `index` of `stage`: ("simple", quest length) or ("cooking", rooms).
     Stage len1 and len2 are simple quests of one and two steps (TextWorld's quest length: now and then
@@ -917,7 +925,8 @@ class Household:
             scene, _, goal = self._intro.partition("Your task is to:")
             sections = {"Goal": goal, "Here": scene.split("=-", 2)[-1], "Carrying": None}
         else:
-            sections = {"Goal": state["objective"], "Here": state["description"], "Carrying": state["inventory"]}
+            sections = {"Goal": state["objective"] + recipe(state["game"]), "Here": state["description"],
+                        "Carrying": state["inventory"]}
         sections = {k: None if v is None else clean_text(v, TEXT_LIMITS[k]) for k, v in sections.items()}
         sections["History"] = "; ".join(self._history[-HISTORY:]) or "none yet"
         feedback = self._feedback and clean_text(self._feedback, TEXT_LIMITS["Feedback"])

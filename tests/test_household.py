@@ -109,6 +109,22 @@ def test_observation_cleaning_and_truncation(games):
     assert env.observation.splitlines()[4].startswith("Feedback: ")
 
 
+
+def test_cooking_goal_names_the_recipe(games):
+    # TextWorld's walkthrough never reads the cookbook, so the goal must say which food to take
+    env = envs.make_env("household", "full", options=games)
+    kinds = []
+    for task in [t for split in envs.SPLITS for t in env.tasks(split)]:
+        goal = env.reset(task).splitlines()[0]
+        with open(os.path.splitext(task)[0] + ".json") as f:
+            ingredients = [item[0] for item in json.load(f)["metadata"].get("ingredients", [])]
+        kinds.append(bool(ingredients))
+        assert goal.endswith(f" The cookbook's recipe needs: {', '.join(ingredients)}.") == bool(ingredients)
+        assert ("recipe needs" in goal) == bool(ingredients)
+        for food in ingredients:
+            assert any(c.startswith(f"take {food}") for c in env.walkthrough()), (task, food)
+    assert set(kinds) == {True, False}  # full has cooking games and simple quests
+
 # An ALFWorld-format game written for this test from the PDDL domain and grammar that the alfworld
 # package ships: a tomato on a countertop, a closed microwave; the goal is the tomato in the microwave.
 TOMATO_PROBLEM = """(define (problem plan_tomato_in_microwave)
