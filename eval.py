@@ -13,7 +13,8 @@ A method is `name=policy_dir` (the policy reads the observation alone),
 Reflect-RL), or `name=+reflection_dir` (no policy: the action whose text is the analysis's `Next:`
 step, a random one when none is; what a policy that follows the analysis exactly would do).
 Episode k of a stage starts from test task k % len(tasks) with seed k, so every method meets the
-same tasks in the same order.
+same tasks in the same order; eval.json keeps each method's win or loss per episode ("wins"), to
+see which test tasks (make_env(env, stage).tasks("test")) a method fails.
 """
 import glob
 import json
@@ -106,6 +107,9 @@ def method_specs():
         if not (eq and name.strip() and (pol or refl)):
             raise SystemExit(f"error: --methods wants name=policy_dir[+reflection_dir] or name=+reflection_dir, got {item!r}")
         specs.append((name.strip(), pol, refl or None))
+    names = [n for n, _, _ in specs] + ["Random", "Oracle"]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"error: --methods names a method twice (Random and Oracle are taken): {methods!r}")
     return specs
 
 
@@ -403,10 +407,11 @@ if __name__ == "__main__":
             raise SystemExit(f"error: {env} / {stage} has no test tasks")
         print(f"\n## {env} / {stage}: {len(tasks)} distinct test tasks, {episodes} episodes per method")
         # a fresh generator per (method, stage): a method's numbers do not depend on what else runs
-        rows = [summarize(a["name"], run_episodes(a, stage, tasks, torch.Generator(device=dev).manual_seed(seed)))
-                for a in agents]
+        runs = {a["name"]: run_episodes(a, stage, tasks, torch.Generator(device=dev).manual_seed(seed)) for a in agents}
+        rows = [summarize(name, results) for name, results in runs.items()]
         print(markdown(rows))
-        report["stages"][stage] = {"test_tasks": len(tasks), "results": rows}
+        report["stages"][stage] = {"test_tasks": len(tasks), "results": rows,
+                                   "wins": {name: [int(r["success"]) for r in results] for name, results in runs.items()}}
         path = os.path.join(out_dir, "eval.json")  # rewritten after every stage, atomically
         with open(path + ".tmp", "w") as f:
             json.dump(report, f, indent=1)

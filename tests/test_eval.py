@@ -52,6 +52,9 @@ def test_baselines_on_empty_out_dir(tmp_path):
         assert rows["Random"]["success"] < rows["Oracle"]["success"]
         assert rows["Random"]["ci_low"] <= rows["Random"]["success"] <= rows["Random"]["ci_high"]
         assert all(r["episodes"] == 20 for r in rows.values())
+        # each method's wins per episode, which add up to its success rate
+        assert list(stage["wins"]) == ["Random", "Oracle"] and stage["wins"]["Oracle"] == [1] * 20
+        assert sum(stage["wins"]["Random"]) == round(rows["Random"]["success"] * 20)
     assert not os.path.exists(tmp_path / "eval.json.tmp")
 
 
@@ -99,6 +102,8 @@ def test_tiny_method_runs_and_is_deterministic(tiny, tmp_path):
     (["--episodes=many"], "error: --episodes wants a int"),
     (["--env=chess"], "error: unknown environment 'chess'"),
     (["--stages=nowhere"], "error: unknown stage 'nowhere'"),
+    (["--methods=a=out/x,a=out/y"], "error: --methods names a method twice"),
+    (["--methods=Oracle=out/x"], "error: --methods names a method twice"),
 ])
 def test_bad_options_fail_in_one_line(tmp_path, args, message):
     p = run(tmp_path, *args)
