@@ -109,7 +109,6 @@ def test_observation_cleaning_and_truncation(games):
     assert env.observation.splitlines()[4].startswith("Feedback: ")
 
 
-
 def test_cooking_goal_names_the_recipe(games):
     # TextWorld's walkthrough never reads the cookbook, so the goal must say which food to take
     env = envs.make_env("household", "full", options=games)
@@ -124,6 +123,7 @@ def test_cooking_goal_names_the_recipe(games):
         for food in ingredients:
             assert any(c.startswith(f"take {food}") for c in env.walkthrough()), (task, food)
     assert set(kinds) == {True, False}  # full has cooking games and simple quests
+
 
 # An ALFWorld-format game written for this test from the PDDL domain and grammar that the alfworld
 # package ships: a tomato on a countertop, a closed microwave; the goal is the tomato in the microwave.
