@@ -3,6 +3,7 @@ runs of every stage in subprocesses, determinism, exact resume, and bad input.""
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
@@ -161,23 +162,31 @@ def test_policy_can_start_from_the_reflection_model(trained, tmp_path):
     assert not torch.equal(pol["model"]["lm_head.weight"], refl["model"]["lm_head.weight"])
 
 
-def test_permuted_labels_follow_their_actions(trained, tmp_path):
+def test_permuted_labels_and_lines_follow_their_actions(trained, tmp_path):
     import envs
-    rec = {"prompt": envs.policy_prompt("Taxi at (0,1).", ["move south", "move north", "pick up"], "Next: pick up."),
-           "completion": "2"}
-    seen = set()
-    for _ in range(50):
-        r = sft.permute_labels(rec)
-        labels, actions = envs.parse_menu(r["prompt"])
-        assert actions == ["move south", "move north", "pick up"] and sorted(labels) == ["0", "1", "2"]
-        assert actions[labels.index(r["completion"])] == "pick up"
-        assert r["prompt"] == envs.policy_prompt("Taxi at (0,1).", actions, "Next: pick up.", labels)
-        seen.add("".join(labels))
-    assert len(seen) == 6  # every order of three labels turns up
+    acts = ["move south", "move north", "pick up"]
+    rec = {"prompt": envs.policy_prompt("Taxi at (0,1).", acts, "Next: pick up."), "completion": "2"}
+    assert sft.permute_menu(rec, labels_too=False) == rec
+    random.seed(0)
+    for labels_too, lines_too in ((True, False), (False, True), (True, True)):
+        seen = set()
+        for _ in range(400):
+            r = sft.permute_menu(rec, labels_too, lines_too)
+            labels, actions = envs.parse_menu(r["prompt"])
+            assert sorted(actions) == sorted(acts) and sorted(labels) == ["0", "1", "2"]
+            assert actions == acts or lines_too
+            assert labels == ["0", "1", "2"] or labels_too
+            assert actions[labels.index(r["completion"])] == "pick up"
+            assert r["prompt"] == envs.policy_prompt("Taxi at (0,1).", actions, "Next: pick up.", labels)
+            seen.add((tuple(labels), tuple(actions)))
+        assert len(seen) == 6 * (1 + 5 * (labels_too and lines_too))  # every order of what is permuted turns up
     data, _ = trained
-    run("sft.py", f"--data_dir={data}", f"--out_dir={tmp_path}", "--role=plain", "--max_iters=2", "--shuffle_labels=1", *TINY)
+    run("sft.py", f"--data_dir={data}", f"--out_dir={tmp_path}", "--role=plain", "--max_iters=2", "--shuffle_labels=1",
+        "--shuffle_lines=1", *TINY)
     p = run("sft.py", "--shuffle_labels=2", ok=False)
     assert p.returncode != 0 and p.stderr.strip() == "error: --shuffle_labels wants -1, 0 or 1, got 2"
+    p = run("sft.py", "--shuffle_lines=-2", ok=False)
+    assert p.returncode != 0 and p.stderr.strip() == "error: --shuffle_lines wants -1, 0 or 1, got -2"
 
 
 def test_renamed_objects(trained, tmp_path):
