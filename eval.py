@@ -293,6 +293,7 @@ def check_models(specs, data, g):
         kind = "policy" if with_reflection else "plain"
         print(f"\n## policy {d}, on {kind}_val.jsonl: its most probable action is the teacher's\n{head}")
         picked = Counter()  # the labels it puts first: a policy that reads nothing shows one label
+        below = {"0-3": [], "4-7": [], "8-15": [], "16+": []}  # hits by the menu lines under the teacher's
         for stage, recs in read_val(os.path.join(data, f"{kind}_val.jsonl"), stage_list).items():
             hits, taught = [], []
             for r in recs:  # one at a time: the menu, and so the label tokens, differ between records
@@ -305,10 +306,15 @@ def check_models(specs, data, g):
                 hits.append(first == r["completion"])
                 taught.append(actions[labels.index(r["completion"])])
                 picked[first] += 1
+                n_below = len(labels) - 1 - labels.index(r["completion"])
+                below["0-3" if n_below < 4 else "4-7" if n_below < 8 else "8-15" if n_below < 16 else "16+"].append(hits[-1])
             report["policy"].setdefault(d, {})[stage] = report_rows(stage, hits, recs, taught)
         label, n = picked.most_common(1)[0]
         report["policy"][d]["favourite_label"] = {"label": label, "records": n, "of": picked.total()}
         print(f"its favourite label: {label}, first in {n} of {picked.total()} records")
+        report["policy"][d]["by_lines_below"] = {k: {"records": len(v), "agree": sum(v)} for k, v in below.items()}
+        print("by the number of menu lines below the teacher's action (all stages): " +
+              ", ".join(f"{k}: {sum(v)}/{len(v)}" for k, v in below.items()))
     out = os.path.join(out_dir, "check.json")
     os.makedirs(out_dir, exist_ok=True)
     with open(out + ".tmp", "w") as f:

@@ -181,7 +181,8 @@ def test_check_counts_agreement(tiny, tmp_path, monkeypatch):
     menu = lambda labels: envs.policy_prompt("obs", actions, "Next: x.", labels)
     val_records(tmp_path / "data" / "taxi" / "policy_val.jsonl", [
         ("pickup", menu("210"), "2", False), ("pickup", menu("012"), "0", True),  # teacher: move north, twice
-        ("pickup", menu("120"), "0", False), ("full", menu("012"), "1", True)])  # teacher: pick up; move south
+        ("pickup", menu("120"), "0", False), ("full", menu("012"), "1", True),  # teacher: pick up; move south
+        ("full", envs.policy_prompt("obs", [f"wait {i}" for i in range(20)], "Next: x.", envs.LABELS), "0", False)])
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(evaluation, "load_checkpoint", lambda d, dev: ((AlwaysNorth if d == "r1" else FirstLine)(), tok, None))
     for key, val in {"stage_list": ["pickup", "full"], "dev": "cpu", "out_dir": str(tmp_path / "out"), "episodes": 100,
@@ -193,11 +194,13 @@ def test_check_counts_agreement(tiny, tmp_path, monkeypatch):
     assert rows[("pickup", "(all)")] == (5, 0.6) and rows[("pickup", "(after a detour)")] == (2, 0.0)
     assert rows[("pickup", "move north.")] == (3, 1.0) and rows[("pickup", "pick up.")] == (2, 0.0)
     assert rows[("full", "(all)")] == (1, 1.0) and rows[("full", "(after a detour)")] == (1, 1.0)
-    assert report["policy"]["p"].pop("favourite_label") == {"label": "0", "records": 2, "of": 4}  # first lines: 2, 0, 1, 0
+    assert report["policy"]["p"].pop("favourite_label") == {"label": "0", "records": 3, "of": 5}  # first lines: 2, 0, 1, 0, 0
+    assert report["policy"]["p"].pop("by_lines_below") == {"0-3": {"records": 4, "agree": 2}, "4-7": {"records": 0, "agree": 0},
+                                                           "8-15": {"records": 0, "agree": 0}, "16+": {"records": 1, "agree": 1}}
     rows = {(stage, r["teacher"]): (r["records"], r["agree"]) for stage, rs in report["policy"]["p"].items() for r in rs}
     assert rows[("pickup", "(all)")] == (3, 2 / 3) and rows[("pickup", "(after a detour)")] == (1, 1.0)
     assert rows[("pickup", "move north")] == (2, 1.0) and rows[("pickup", "pick up")] == (1, 0.0)
-    assert rows[("full", "(all)")] == (1, 0.0) and rows[("full", "move south")] == (1, 0.0)
+    assert rows[("full", "(all)")] == (2, 0.5) and rows[("full", "move south")] == (1, 0.0) and rows[("full", "wait 0")] == (1, 1.0)
 
 
 def test_reflection_alone_takes_the_named_action(tiny, monkeypatch):
