@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from envs import ENVS, LABELS, analyze_prompt, make_env, parse_menu, policy_prompt
+from envs import ENVS, LABELS, MENU_HEAD, analyze_prompt, make_env, parse_menu, policy_prompt
 from model import EOS, label_token_ids, load_checkpoint, pick_device
 
 # ----------------------------------------------------------------------------- config
@@ -290,24 +290,39 @@ def check_models(specs, data, g):
     for d, with_reflection in pol_dirs:
         model, tok, _ = load_checkpoint(d, dev)
         model.eval()
+
+        def top_label(prompt):
+            labels = parse_menu(prompt)[0]
+            ids = tok.encode(prompt, add_special_tokens=False).ids[-model.config.block_size:]
+            label_ids = torch.tensor([label_token_ids(tok, labels)], device=dev)
+            logp, _ = model.score_actions(torch.tensor([ids], device=dev), torch.tensor([len(ids)], device=dev),
+                                          label_ids, torch.ones_like(label_ids, dtype=torch.bool))
+            return labels[int(logp.argmax())]
+
         kind = "policy" if with_reflection else "plain"
         print(f"\n## policy {d}, on {kind}_val.jsonl: its most probable action is the teacher's\n{head}")
         picked = Counter()  # the labels it puts first: a policy that reads nothing shows one label
         below = {"0-3": [], "4-7": [], "8-15": [], "16+": []}  # hits by the menu lines under the teacher's
+        # controls: the same records with the analysis emptied (what the state alone gives), and with
+        # the menu's lines in a random order (what the sorted order gives); a reader loses nothing to the second
+        controls, rng = {"analysis emptied": [], "lines shuffled": []}, random.Random(seed)
         for stage, recs in read_val(os.path.join(data, f"{kind}_val.jsonl"), stage_list).items():
             hits, taught = [], []
             for r in recs:  # one at a time: the menu, and so the label tokens, differ between records
                 labels, actions = parse_menu(r["prompt"])
-                ids = tok.encode(r["prompt"], add_special_tokens=False).ids[-model.config.block_size:]
-                label_ids = torch.tensor([label_token_ids(tok, labels)], device=dev)
-                logp, _ = model.score_actions(torch.tensor([ids], device=dev), torch.tensor([len(ids)], device=dev),
-                                                     label_ids, torch.ones_like(label_ids, dtype=torch.bool))
-                first = labels[int(logp.argmax())]
+                first = top_label(r["prompt"])
                 hits.append(first == r["completion"])
                 taught.append(actions[labels.index(r["completion"])])
                 picked[first] += 1
                 n_below = len(labels) - 1 - labels.index(r["completion"])
                 below["0-3" if n_below < 4 else "4-7" if n_below < 8 else "8-15" if n_below < 16 else "16+"].append(hits[-1])
+                head_text = r["prompt"].rpartition(MENU_HEAD)[0].removesuffix("\n")
+                if with_reflection:
+                    bare = policy_prompt(head_text.rpartition(analyze_prompt(""))[0], actions, "", labels)
+                    controls["analysis emptied"].append(top_label(bare) == r["completion"])
+                order = rng.sample(range(len(actions)), len(actions))
+                moved = policy_prompt(head_text, [actions[i] for i in order], None, labels)
+                controls["lines shuffled"].append(top_label(moved) == labels[order.index(labels.index(r["completion"]))])
             report["policy"].setdefault(d, {})[stage] = report_rows(stage, hits, recs, taught)
         label, n = picked.most_common(1)[0]
         report["policy"][d]["favourite_label"] = {"label": label, "records": n, "of": picked.total()}
@@ -315,6 +330,9 @@ def check_models(specs, data, g):
         report["policy"][d]["by_lines_below"] = {k: {"records": len(v), "agree": sum(v)} for k, v in below.items()}
         print("by the number of menu lines below the teacher's action (all stages): " +
               ", ".join(f"{k}: {sum(v)}/{len(v)}" for k, v in below.items()))
+        report["policy"][d]["controls"] = {k: {"records": len(v), "agree": sum(v)} for k, v in controls.items() if v}
+        print("the same records (all stages) " + ", ".join(f"with the {k.replace('emptied', 'left out')}: {sum(v)}/{len(v)}"
+                                                          for k, v in controls.items() if v))
     out = os.path.join(out_dir, "check.json")
     os.makedirs(out_dir, exist_ok=True)
     with open(out + ".tmp", "w") as f:
