@@ -70,6 +70,9 @@ shuffle_lines = -1  # policy and plain: 1 puts the menu's lines in a fresh rando
                     # (labels then follow shuffle_labels: permuted, or 0, 1, ... down the menu), so
                     # that the teacher's command is anywhere in the menu; -1 means the environment's
                     # default in SHUFFLE_LINES
+swap_prob = -1.0  # policy: the probability that a drawn record's analysis names another command of its
+                  # menu as its `Next:` step, which becomes the target, so that the policy must read
+                  # the analysis; -1 means the environment's default in SWAP_PROB
 rename = -1  # 1 renames the objects of a household game at every draw (each takes the name of a random
             # object of the same TextWorld type from the training games, in prompt and completion),
             # so that names must be read and copied, not remembered; 0 keeps them; -1 means the
@@ -123,6 +126,7 @@ SHUFFLE_LABELS = {"taxi": 0, "autoexplore": 0, "household": 1}
 # look-up at all: validation label accuracy 0.14 after 1750 iterations, against 0.43 with sorted lines
 # (README, Household).
 SHUFFLE_LINES = {"taxi": 0, "autoexplore": 0, "household": 0}
+SWAP_PROB = {"taxi": 0.0, "autoexplore": 0.0, "household": 0.0}
 # Renaming (--rename=1) lowered the household reflection model's validation loss after 1200 iterations
 # from 0.426 to 0.288 and raised the label accuracy after 3000 from 0.59 to 0.70 (policy) and from
 # 0.50 to 0.73 (plain), but on the test games it lifted the no-reflection baselines far more than
@@ -187,6 +191,17 @@ def permute_menu(r, labels_too=True, lines_too=False):
     head = r["prompt"].rpartition(MENU_HEAD)[0].removesuffix("\n")  # observation (and analysis)
     return {"prompt": policy_prompt(head, [actions[i] for i in order], None, new),
             "completion": new[order.index(labels.index(r["completion"]))]}
+
+
+def swap_next(r):
+    """The record with its analysis's last `Next:` step replaced by a random command of its menu, whose
+    label becomes the target: only the analysis's words tell which (the state points elsewhere)."""
+    labels, actions = parse_menu(r["prompt"])
+    head, sep, rest = r["prompt"].rpartition(MENU_HEAD)[0].rpartition("Next: ")
+    if not sep:
+        return r
+    k = random.randrange(len(actions))
+    return {**r, "prompt": policy_prompt(f"{head}Next: {actions[k]}.", actions, None, labels), "completion": labels[k]}
 
 
 _game_names = {}
@@ -381,8 +396,10 @@ def train(the_role):
             k = random.randrange(max(1, len(idxs) // batch_size))
             idxs = idxs[k * batch_size:(k + 1) * batch_size]
         shuffle = (shuffle_labels or shuffle_lines) and the_role != "reflection"
-        if shuffle or rename:  # drawn records changed afresh (the bucket's lengths are the data's)
+        swap = swap_prob if the_role == "policy" else 0.0
+        if shuffle or rename or swap:  # drawn records changed afresh (the bucket's lengths are the data's)
             recs = [rename_objects(raw["train"][i], pool) if rename else raw["train"][i] for i in idxs]
+            recs = [swap_next(r) if random.random() < swap else r for r in recs]
             recs = [permute_menu(r, shuffle_labels, shuffle_lines) for r in recs] if shuffle else recs
             x, y, y_lm = get_batch(encode(tok, recs, eos_id, model.config.block_size), range(len(idxs)), eos_id)
         else:
@@ -425,6 +442,8 @@ if __name__ == "__main__":
         raise SystemExit(f"error: --shuffle_labels wants -1, 0 or 1, got {shuffle_labels}")
     if shuffle_lines not in (-1, 0, 1):
         raise SystemExit(f"error: --shuffle_lines wants -1, 0 or 1, got {shuffle_lines}")
+    if not (0 <= swap_prob <= 1 or swap_prob == -1):
+        raise SystemExit(f"error: --swap_prob wants a probability (or -1), got {swap_prob}")
     if rename not in (-1, 0, 1):
         raise SystemExit(f"error: --rename wants -1, 0 or 1, got {rename}")
     if policy_init not in ("", "scratch", "reflection"):
@@ -436,6 +455,7 @@ if __name__ == "__main__":
     lm_loss = LM_LOSS[env] if lm_loss < 0 else lm_loss
     shuffle_labels = SHUFFLE_LABELS[env] if shuffle_labels < 0 else shuffle_labels
     shuffle_lines = SHUFFLE_LINES[env] if shuffle_lines < 0 else shuffle_lines
+    swap_prob = SWAP_PROB[env] if swap_prob < 0 else swap_prob
     rename = RENAME[env] if rename < 0 else rename
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dev = device or pick_device()

@@ -189,6 +189,28 @@ def test_permuted_labels_and_lines_follow_their_actions(trained, tmp_path):
     assert p.returncode != 0 and p.stderr.strip() == "error: --shuffle_lines wants -1, 0 or 1, got -2"
 
 
+def test_swapped_next_step_is_the_target(trained, tmp_path):
+    import envs
+    acts = ["move south", "move north", "pick up"]
+    rec = {"prompt": envs.policy_prompt("Taxi at (0,1).", acts, "Plan: pick up. Next: pick up."), "completion": "2", "stage": "full"}
+    random.seed(0)
+    named = set()
+    for _ in range(60):
+        r = sft.swap_next(rec)
+        labels, actions = envs.parse_menu(r["prompt"])
+        assert actions == acts and labels == ["0", "1", "2"] and r["stage"] == "full"
+        step = actions[labels.index(r["completion"])]
+        assert r["prompt"] == envs.policy_prompt("Taxi at (0,1).", acts, f"Plan: pick up. Next: {step}.")
+        named.add(step)
+    assert named == set(acts)
+    plain = {"prompt": envs.policy_prompt("Taxi at (0,1).", acts), "completion": "2"}
+    assert sft.swap_next(plain) == plain  # no analysis, nothing to swap
+    data, _ = trained
+    run("sft.py", f"--data_dir={data}", f"--out_dir={tmp_path}", "--role=policy", "--max_iters=2", "--swap_prob=1", *TINY)
+    p = run("sft.py", "--swap_prob=1.5", ok=False)
+    assert p.returncode != 0 and p.stderr.strip() == "error: --swap_prob wants a probability (or -1), got 1.5"
+
+
 def test_renamed_objects(trained, tmp_path):
     """Every name of the record's game becomes another training name of its type, the same in prompt and
     completion, whole words only, capitals kept; records without a TextWorld game stay as they are."""
