@@ -200,7 +200,7 @@ def swap_next(r):
     """The record with its analysis's last `Next:` step replaced by a random command of its menu, whose
     label becomes the target: only the analysis's words tell which (the state points elsewhere)."""
     labels, actions = parse_menu(r["prompt"])
-    head, sep, rest = r["prompt"].rpartition(MENU_HEAD)[0].rpartition("Next: ")
+    head, sep, _ = r["prompt"].rpartition(MENU_HEAD)[0].rpartition("Next: ")
     if not sep:
         return r
     k = random.randrange(len(actions))
@@ -402,7 +402,8 @@ def train(the_role):
         swap = swap_prob if the_role == "policy" else 0.0
         if shuffle or rename or swap:  # drawn records changed afresh (the bucket's lengths are the data's)
             recs = [rename_objects(raw["train"][i], pool) if rename else raw["train"][i] for i in idxs]
-            recs = [swap_next(r) if random.random() < swap else r for r in recs]
+            if swap:  # no draws without it: the default runs keep the random stream they had
+                recs = [swap_next(r) if random.random() < swap else r for r in recs]
             recs = [permute_menu(r, shuffle_labels, shuffle_lines) for r in recs] if shuffle else recs
             x, y, y_lm = get_batch(encode(tok, recs, eos_id, model.config.block_size), range(len(idxs)), eos_id)
         else:
