@@ -303,9 +303,9 @@ def check_models(specs, data, g):
         print(f"\n## policy {d}, on {kind}_val.jsonl: its most probable action is the teacher's\n{head}")
         picked = Counter()  # the labels it puts first: a policy that reads nothing shows one label
         below = {"0-3": [], "4-7": [], "8-15": [], "16+": []}  # hits by the menu lines under the teacher's
-        # controls: the same records with the analysis emptied (what the state alone gives), and with
+        # controls: the same records with the analysis left out (what the state alone gives), and with
         # the menu's lines in a random order (what the sorted order gives); a reader loses nothing to the second
-        controls, rng = {"analysis emptied": [], "lines shuffled": []}, random.Random(seed)
+        controls, rng = {"analysis left out": [], "lines shuffled": []}, random.Random(seed)
         for stage, recs in read_val(os.path.join(data, f"{kind}_val.jsonl"), stage_list).items():
             hits, taught = [], []
             for r in recs:  # one at a time: the menu, and so the label tokens, differ between records
@@ -319,7 +319,7 @@ def check_models(specs, data, g):
                 head_text = r["prompt"].rpartition(MENU_HEAD)[0].removesuffix("\n")
                 if with_reflection:
                     bare = policy_prompt(head_text.rpartition(analyze_prompt(""))[0], actions, "", labels)
-                    controls["analysis emptied"].append(top_label(bare) == r["completion"])
+                    controls["analysis left out"].append(top_label(bare) == r["completion"])
                 order = rng.sample(range(len(actions)), len(actions))
                 moved = policy_prompt(head_text, [actions[i] for i in order], None, labels)
                 controls["lines shuffled"].append(top_label(moved) == labels[order.index(labels.index(r["completion"]))])
@@ -331,7 +331,7 @@ def check_models(specs, data, g):
         print("by the number of menu lines below the teacher's action (all stages): " +
               ", ".join(f"{k}: {sum(v)}/{len(v)}" for k, v in below.items()))
         report["policy"][d]["controls"] = {k: {"records": len(v), "agree": sum(v)} for k, v in controls.items() if v}
-        print("the same records (all stages) " + ", ".join(f"with the {k.replace('emptied', 'left out')}: {sum(v)}/{len(v)}"
+        print("the same records (all stages) " + ", ".join(f"with the {k}: {sum(v)}/{len(v)}"
                                                           for k, v in controls.items() if v))
     out = os.path.join(out_dir, "check.json")
     os.makedirs(out_dir, exist_ok=True)

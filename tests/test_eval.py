@@ -198,7 +198,7 @@ def test_check_counts_agreement(tiny, tmp_path, monkeypatch):
     assert report["policy"]["p"].pop("by_lines_below") == {"0-3": {"records": 4, "agree": 2}, "4-7": {"records": 0, "agree": 0},
                                                            "8-15": {"records": 0, "agree": 0}, "16+": {"records": 1, "agree": 1}}
     controls = report["policy"]["p"].pop("controls")  # the first line, whatever the analysis says: 3 of 5 as with it
-    assert controls["analysis emptied"] == {"records": 5, "agree": 3} and controls["lines shuffled"]["records"] == 5
+    assert controls["analysis left out"] == {"records": 5, "agree": 3} and controls["lines shuffled"]["records"] == 5
     rows = {(stage, r["teacher"]): (r["records"], r["agree"]) for stage, rs in report["policy"]["p"].items() for r in rs}
     assert rows[("pickup", "(all)")] == (3, 2 / 3) and rows[("pickup", "(after a detour)")] == (1, 1.0)
     assert rows[("pickup", "move north")] == (2, 1.0) and rows[("pickup", "pick up")] == (1, 0.0)
