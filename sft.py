@@ -253,43 +253,6 @@ def rename_objects(r, pool):
     return r | {"prompt": pattern.sub(swap, r["prompt"]), "completion": pattern.sub(swap, r["completion"])}
 
 
-# AutoExplore renaming: the word pieces of a class or function name in the question (4+ letters, split
-# at capitals and underscores) become other pieces, the same way wherever they stand in the prompt
-# (file and folder names, the file's text), so that the question must be matched, not remembered.
-# The words of the prompt's own frame are never renamed.
-PIECE = re.compile(r"[A-Z]?[a-z]{3,}|[A-Z]{4,}(?![a-z])")
-FRAME = set("""task which file defines class function directory here history result analyze choose below
-your action more shown lines moved into error warning cannot open binary bytes nothing empty none
-correct wrong last read does answer answers that there should hold folder files identify next
-asks what have down refused outside repository""".split())
-
-
-def piece_pool(records):
-    """Sorted lower-case word pieces of the file and folder names listed in AutoExplore prompts."""
-    pool = set()
-    for r in records:
-        for line in r["prompt"].split("\n"):
-            if line.startswith("Here: "):
-                pool.update(p.lower() for p in PIECE.findall(line[6:]))
-    return sorted(pool - FRAME)
-
-
-def rename_pieces(r, pool):
-    """The AutoExplore record with the pieces of its question's name renamed in the whole prompt."""
-    head, nl, body = r["prompt"].partition("\n")
-    m = re.fullmatch(r"(Task: Which file defines the (?:class|function) )(\w+)\?", head)
-    pieces = {p.lower() for p in PIECE.findall(m[2])} - FRAME if m else set()
-    if not pieces:
-        return r
-    new = dict(zip(sorted(pieces), random.sample([p for p in pool if p not in pieces], len(pieces))))
-    pattern = re.compile("|".join(re.escape(p) for p in sorted(pieces, key=len, reverse=True)), re.IGNORECASE)
-
-    def swap(mt):
-        w = new[mt[0].lower()]
-        return w.upper() if mt[0].isupper() and len(mt[0]) > 1 else w.capitalize() if mt[0][0].isupper() else w
-    return r | {"prompt": f"{m[1]}{pattern.sub(swap, m[2])}?{nl}{pattern.sub(swap, body)}"}
-
-
 def get_batch(examples, idxs, pad_id):
     """Right-padded (B, T) inputs, completion targets y (-1 except on the completion's tokens) and
     language-model targets y_lm (every next token, -1 on padding)."""
@@ -378,7 +341,7 @@ def train(the_role):
     eos_id = tok.token_to_id(EOS)
     raw = {s: read_jsonl(os.path.join(data_dir, f"{the_role}{suffix}_{s}.jsonl")) for s in ("train", "val")}
     data = {s: encode(tok, raw[s], eos_id, model.config.block_size) for s in ("train", "val")}
-    pool = (piece_pool if env == "autoexplore" else name_pool)(raw["train"]) if rename else {}
+    pool = name_pool(raw["train"]) if rename else {}
     if rename and not pool:
         raise ValueError(f"--rename=1 found no object names in {data_dir}: it renames the objects of generated "
                          "household games only")
@@ -438,8 +401,7 @@ def train(the_role):
         shuffle = (shuffle_labels or shuffle_lines) and the_role != "reflection"
         swap = swap_prob if the_role == "policy" else 0.0
         if shuffle or rename or swap:  # drawn records changed afresh (the bucket's lengths are the data's)
-            ren = rename_pieces if env == "autoexplore" else rename_objects
-            recs = [ren(raw["train"][i], pool) if rename else raw["train"][i] for i in idxs]
+            recs = [rename_objects(raw["train"][i], pool) if rename else raw["train"][i] for i in idxs]
             if swap:  # no draws without it: the default runs keep the random stream they had
                 recs = [swap_next(r) if random.random() < swap else r for r in recs]
             recs = [permute_menu(r, shuffle_labels, shuffle_lines) for r in recs] if shuffle else recs
