@@ -7,6 +7,7 @@ dangerous-termination rate, mean steps), printed as Markdown and written to {out
     python eval.py --methods="mine=out/taxi/rl+out/taxi/sft_reflection" --stages=full --greedy
     python eval.py --plot                           # only the learning curves of the RL runs -> curves.png
     python eval.py --check                          # only: do the reflection model and the policy agree with the teacher?
+    python eval.py --transcripts                    # also every episode, step by step -> transcripts.jsonl
 
 A method is `name=policy_dir` (the policy reads the observation alone),
 `name=policy_dir+reflection_dir` (a frozen reflection model writes an analysis first, as in
@@ -45,6 +46,8 @@ reflection_max_tokens = 96
 seed = 0  # seeds torch, random, numpy and the sampling generator
 device = ""  # "" picks cuda, then mps, then cpu
 plot = False  # instead of evaluating, draw success vs env steps of every RL run in {out_dir}/*/log.jsonl
+transcripts = False  # also write every episode to {out_dir}/transcripts.jsonl, one line per method, stage
+                     # and episode: each step's observation, analysis, action, the oracle's action, reward
 check = False  # instead of evaluating, score each reflection model's "Next:" step and each policy's
                # choice against the teacher's on data/{env}/*_val.jsonl (--episodes records per stage)
 # -----------------------------------------------------------------------------
@@ -146,19 +149,20 @@ def reflect(reflection, texts, g):
 
 @torch.no_grad()
 def act(agent, batch, g):
-    """One action index for each env in `batch`, all of them live."""
-    if agent["kind"] == "random":
-        return [int(torch.randint(len(e.actions), (), generator=g, device=g.device)) for e in batch]
-    if agent["kind"] == "oracle":
-        return [e.oracle() for e in batch]
+    """One action index for each env in `batch`, all of them live, and the analysis each action
+    followed (None where the method writes none)."""
     reflections = [None] * len(batch)  # None: the policy prompt has no analysis section
+    if agent["kind"] == "random":
+        return [int(torch.randint(len(e.actions), (), generator=g, device=g.device)) for e in batch], reflections
+    if agent["kind"] == "oracle":
+        return [e.oracle() for e in batch], reflections
     if agent["reflection"]:
         # an empty analysis stays a string: the prompt keeps the Analyze header the policy trained with
         reflections = reflect(agent["reflection"], [analyze_prompt(e.observation) for e in batch], g)
     if agent["kind"] == "follow":
         named = [next_step(r).removesuffix(".") for r in reflections]
         return [e.actions.index(n) if n in e.actions else int(torch.randint(len(e.actions), (), generator=g, device=g.device))
-                for e, n in zip(batch, named)]
+                for e, n in zip(batch, named)], reflections
     model, tok, labels = agent["policy"]
     prompts = [tok.encode(policy_prompt(e.observation, e.actions, r, LABELS), add_special_tokens=False).ids
                [-model.config.block_size:] for e, r in zip(batch, reflections)]  # left-truncate: keep the question
@@ -171,11 +175,12 @@ def act(agent, batch, g):
     action_mask = torch.arange(A, device=dev) < torch.tensor([len(e.actions) for e in batch], device=dev)[:, None]
     logp, _ = model.score_actions(idx.to(dev), lengths, label_ids, action_mask)  # (B, A), -inf where masked
     choice = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1, generator=g).squeeze(-1)
-    return choice.tolist()
+    return choice.tolist(), reflections
 
 
 def run_episodes(agent, stage, tasks, g):
-    """Per-episode results of `episodes` episodes, `batch_size` at a time."""
+    """Per-episode results of `episodes` episodes, `batch_size` at a time (with --transcripts, each
+    with its steps)."""
     results = []
     bar = tqdm(total=episodes, desc=f"{agent['name']} / {stage}", leave=False)
     for lo in range(0, episodes, batch_size):
@@ -184,17 +189,24 @@ def run_episodes(agent, stage, tasks, g):
         for k, e in zip(ks, batch):
             e.reset(tasks[k % len(tasks)], seed=k)
         ret, steps, info = [0.0] * len(batch), [0] * len(batch), [None] * len(batch)
+        said = [[] for _ in batch]  # with --transcripts: each episode's steps
         live = list(range(len(batch)))
         while live:
             ended = set()
-            for i, a in zip(live, act(agent, [batch[i] for i in live], g)):
+            choices, analyses = act(agent, [batch[i] for i in live], g)
+            for i, a, analysis in zip(live, choices, analyses):
+                if transcripts:
+                    said[i].append({"observation": batch[i].observation, "analysis": analysis,
+                                    "action": batch[i].actions[a], "oracle": batch[i].actions[batch[i].oracle()]})
                 r, done, info[i] = batch[i].step(a)
                 ret[i], steps[i] = ret[i] + r, steps[i] + 1
+                if transcripts:
+                    said[i][-1]["reward"] = r
                 if done:
                     ended.add(i)
             live = [i for i in live if i not in ended]
         results += [{"success": bool(info[i]["success"]), "return": ret[i], "dangerous": bool(info[i]["dangerous"]),
-                     "steps": steps[i]} for i in range(len(batch))]
+                     "steps": steps[i], "transcript": said[i]} for i in range(len(batch))]
         bar.update(len(batch))
     bar.close()
     return results
@@ -425,6 +437,8 @@ if __name__ == "__main__":
     methods = ",".join(f"{n}={p}" + (f"+{r}" if r else "") for n, p, r in specs)  # saved resolved
     report = {"env": env, "config": {k: globals()[k] for k in config_keys}, "stages": {}}
     os.makedirs(out_dir, exist_ok=True)
+    if transcripts:
+        open(os.path.join(out_dir, "transcripts.jsonl"), "w").close()
     for stage in stage_list:
         tasks = make_env(env, stage, options=env_options).tasks("test")
         if not tasks:
@@ -440,4 +454,10 @@ if __name__ == "__main__":
         with open(path + ".tmp", "w") as f:
             json.dump(report, f, indent=1)
         os.replace(path + ".tmp", path)
-    print(f"\nwrote {os.path.join(out_dir, 'eval.json')}")
+        if transcripts:  # appended stage by stage, like eval.json's stages
+            with open(os.path.join(out_dir, "transcripts.jsonl"), "a") as f:
+                for name, results in runs.items():
+                    for k, r in enumerate(results):
+                        f.write(json.dumps({"method": name, "stage": stage, "episode": k, "task": tasks[k % len(tasks)],
+                                            "success": r["success"], "steps": r["transcript"]}, default=str) + "\n")
+    print(f"\nwrote {os.path.join(out_dir, 'eval.json')}" + (" and transcripts.jsonl" if transcripts else ""))

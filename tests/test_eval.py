@@ -97,6 +97,35 @@ def test_tiny_method_runs_and_is_deterministic(tiny, tmp_path):
     assert ra["config"]["methods"] == f"tiny={tiny}+{tiny},tiny plain={tiny}"
 
 
+def test_transcripts_record_every_step_and_change_no_number(tiny, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert run_tiny(a, tiny).returncode == 0
+    p = run_tiny(b, tiny, "--transcripts")
+    assert p.returncode == 0, p.stderr
+    assert not os.path.exists(a / "transcripts.jsonl")
+    ra, rb = results(a), results(b)
+    assert ra["stages"] == rb["stages"]
+    with open(b / "transcripts.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    assert [(t["stage"], t["method"], t["episode"]) for t in lines] == [
+        (s, m, k) for s in ("pickup", "dropoff") for m in ("Random", "tiny", "tiny plain", "Oracle") for k in range(6)]
+    taxi = envs.make_env("taxi", "pickup")
+    for t in lines:
+        steps = t["steps"]
+        assert t["success"] == bool(rb["stages"][t["stage"]]["wins"][t["method"]][t["episode"]])
+        assert 1 <= len(steps) <= envs.DangerousTaxi.default_horizon
+        assert all(s["observation"] and s["action"] in taxi.actions and s["oracle"] in taxi.actions for s in steps)
+        assert all((s["analysis"] is None) == (t["method"] != "tiny") for s in steps)
+        if t["method"] == "Oracle":
+            assert all(s["action"] == s["oracle"] for s in steps) and t["success"]
+        if t["success"]:
+            assert steps[-1]["reward"] > 0
+    first = next(t for t in lines if t["method"] == "Oracle" and t["stage"] == "pickup" and t["episode"] == 0)
+    taxi.reset(first["task"], seed=0)
+    assert first["steps"][0]["observation"] == taxi.observation  # episode k starts from test task k
+
+
 @pytest.mark.parametrize("args, message", [
     (["--no_such_key=1"], "error: unknown option --no_such_key=1"),
     (["--episodes=many"], "error: --episodes wants a int"),
@@ -228,7 +257,7 @@ def test_reflection_alone_takes_the_named_action(tiny, monkeypatch):
     batch = [envs.make_env("taxi", "pickup") for _ in range(200)]
     for k, e in enumerate(batch):
         e.reset(e.tasks("test")[k % len(e.tasks("test"))], seed=k)
-    chosen = evaluation.act(agent, batch, torch.Generator().manual_seed(0))
+    chosen, _ = evaluation.act(agent, batch, torch.Generator().manual_seed(0))
     assert all(a == batch[0].actions.index("pick up") for a in chosen[0::4])
     assert all(a == batch[0].actions.index("move west") for a in chosen[2::4])
     unnamed = chosen[1::4] + chosen[3::4]
