@@ -92,13 +92,11 @@ config_keys = [k for k, v in globals().items()  # lower-case names only: not the
 # learned at 1000 (the teacher's action first in 114 of 191 validation states, 53 after 250); the
 # reflection's 1200 is a compromise with time (2400 did not help on the current data). Household:
 # without SHUFFLE_LABELS the policies overfit after ~500; with it they keep learning the menu
-# look-up: validation label accuracy 0.67 after the default 3000 (plain 0.41); resumed to 6000,
-# 0.75 (plain 0.62) and Reflect-RL 68.3% on `full` instead of 42.2% (README, "Trained twice as
-# long"); 6000 from scratch, 0.80 and 61.7%. 3000 stays the default until the plain and no-negatives
-# policies have been trained 6000 from scratch too.
+# look-up: validation label accuracy 0.67 after 3000 iterations (plain 0.41), 0.80 after 6000 (plain
+# 0.61), and Reflect-RL 61.7% on `full` instead of 42.2% (README, Household).
 ROLE_ITERS = {"taxi": {"reflection": 1200, "policy": 300, "plain": 1200},
               "autoexplore": {"reflection": 1200, "policy": 1000, "plain": 300},
-              "household": {"reflection": 1200, "policy": 3000, "plain": 3000}}
+              "household": {"reflection": 1200, "policy": 6000, "plain": 6000}}
 # A policy from scratch on the household games never learned to find the reflection's command in the
 # menu: with the teacher's reflection its most probable action was the teacher's in 27% of validation
 # states after 1000 iterations, below the plain policy's 36%. Started from the reflection model, which
