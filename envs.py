@@ -783,14 +783,17 @@ def household_game_path(games_dir: str, stage: str, index: int, split: str) -> s
     return os.path.join(games_dir, stage, f"{index:04d}{tail}.z8")
 
 
-def household_games(games_dir: str, n_games: int) -> dict[str, list[str]]:
-    """The paths of the n_games games of each stage, in games_dir/<stage>/. Missing games (of every
-    stage at once) are generated in parallel, with a progress bar; a second call finds them there."""
+def household_games(games_dir: str, n_games: int, extra_train: int = 0) -> dict[str, list[str]]:
+    """The paths of the n_games games of each stage, in games_dir/<stage>/, then extra_train more
+    training games (numbers n_games on, so the split of the first n_games stays as it is). Missing games
+    (of every stage at once) are generated in parallel, with a progress bar; a second call finds them."""
     from concurrent.futures import ProcessPoolExecutor
     from tqdm import tqdm
 
     split_of = {i: split for split in SPLITS for i in split_tasks(list(range(n_games)), split)}
-    paths = {s: [household_game_path(games_dir, s, i, split_of[i]) for i in range(n_games)] for s in Household.stages}
+    split_of.update({i: "train" for i in range(n_games, n_games + extra_train)})
+    paths = {s: [household_game_path(games_dir, s, i, split_of[i]) for i in range(n_games + extra_train)]
+             for s in Household.stages}
     jobs = [(p, s, i, split_of[i]) for s in paths for i, p in enumerate(paths[s]) if not os.path.isfile(p)]
     if jobs:
         for s in paths:
@@ -809,12 +812,13 @@ class Household:
     context = 512  # a goal, a room, the history and up to ~25 commands fit
     reward_scale = 1.0  # rewards are already the score change over the maximum score
     # make_env's "key=value" settings: where generated games are cached, how many per stage
-    # (cut 60/10/30 into train/val/test), ALFWorld's data directory (plays its games instead), and
-    # max_steps, the horizon for the scripts that have no --horizon flag (0: keep the given horizon)
-    options = {"games_dir": str, "n_games": int, "alfworld": str, "max_steps": int}
+    # (cut 60/10/30 into train/val/test), how many more training games to add (val and test stay the
+    # same), ALFWorld's data directory (plays its games instead), and max_steps, the horizon for the
+    # scripts that have no --horizon flag (0: keep the given horizon)
+    options = {"games_dir": str, "n_games": int, "extra_train": int, "alfworld": str, "max_steps": int}
 
     def __init__(self, stage: str = "full", horizon: int = 15, games_dir: str = "data/household/games",
-                 n_games: int = 600, alfworld: str = "", max_steps: int = 0):
+                 n_games: int = 600, extra_train: int = 0, alfworld: str = "", max_steps: int = 0):
         if stage not in self.stages:
             raise ValueError(f"unknown stage '{stage}' for {self.name}: choose from {', '.join(self.stages)}")
         horizon = max_steps or horizon
@@ -822,10 +826,13 @@ class Household:
             raise ValueError(f"horizon must be at least 1, got {horizon}")
         if n_games < 3:
             raise ValueError(f"n_games must be at least 3 (train, val and test games), got {n_games}")
+        if extra_train < 0 or n_games + extra_train > 1000:  # a stage's game seeds are 1000 apart from the next's
+            raise ValueError(f"extra_train must be at least 0 and n_games + extra_train at most 1000, "
+                             f"got {extra_train} and {n_games}")
         if alfworld and not os.path.isdir(alfworld):
             raise ValueError(f"ALFWorld data directory '{alfworld}' does not exist (see the README)")
         self.stage, self.horizon = stage, horizon
-        self.games_dir, self.n_games, self.alfworld = games_dir, n_games, alfworld
+        self.games_dir, self.n_games, self.extra_train, self.alfworld = games_dir, n_games, extra_train, alfworld
         self.actions, self.observation, self.steps, self.done = [], "", 0, True
         self.task, self._env, self._game_path, self._game_state, self._split_cache = None, None, None, None, {}
         self._inform7 = (None, None)  # (TextWorld game, its command writer), for walkthrough_after
@@ -845,7 +852,8 @@ class Household:
                 if not any(f"{os.sep}{f}{os.sep}" in g for g in every for f in ("train", "valid_seen", "valid_unseen")):
                     games = split_tasks(every, split)  # not ALFWorld's layout: our own 60/10/30 cut
             else:
-                games = split_tasks(household_games(self.games_dir, self.n_games)[self.stage], split)
+                every = household_games(self.games_dir, self.n_games, self.extra_train)[self.stage]
+                games = split_tasks(every[:self.n_games], split) + (every[self.n_games:] if split == "train" else [])
             self._split_cache[split] = [g for g in games if self._walkthrough_fits(g)]
         return self._split_cache[split]
 

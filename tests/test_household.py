@@ -58,6 +58,19 @@ def test_generation_by_seed_and_disjoint_splits(games, tmp_path):
     assert os.path.getmtime(os.path.join(games_dir, "len1", "0000.z8")) == before
 
 
+def test_extra_training_games_leave_val_and_test_alone(games):
+    games_dir = games.split(",")[0].split("=")[1]
+    for stage in envs.Household.stages:
+        plain = envs.make_env("household", stage, options=games)
+        more = envs.make_env("household", stage, options=games + ",extra_train=2")
+        extra = [envs.household_game_path(games_dir, stage, i, "train") for i in (N_GAMES, N_GAMES + 1)]
+        assert more.tasks("train") == plain.tasks("train") + extra and all(os.path.isfile(p) for p in extra)
+        assert more.tasks("val") == plain.tasks("val") and more.tasks("test") == plain.tasks("test")
+    for bad in ("extra_train=-1", "n_games=900,extra_train=101"):
+        with pytest.raises(ValueError, match="extra_train must be at least 0"):
+            envs.make_env("household", "len1", options=f"games_dir={games_dir},{bad}")
+
+
 @pytest.mark.parametrize("stage", envs.Household.stages)
 def test_walkthrough_oracle_wins_every_game(games, stage):
     env = envs.make_env("household", stage, options=games)
