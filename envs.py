@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import warnings
 from functools import lru_cache
 
@@ -421,6 +422,30 @@ def file_facts(name: str, text: str) -> list[tuple[str, str, str]]:
     return facts
 
 
+def question_evidence(question: str) -> list[str]:
+    """What a file's text must show to answer a question of file_facts, read from the question alone:
+    the definition's start, the quoted text, or the listed keys or columns (for other questions,
+    every word of four letters or more)."""
+    m = re.fullmatch(r"Which file defines the (class|function) (.+)\?", question)
+    if m:
+        return [f"class {m[2]}" if m[1] == "class" else f"def {m[2]}("]
+    m = re.search(r'"(.+)"', question)
+    if m:
+        return [m[1]]
+    m = re.fullmatch(r"Which (?:JSON file has the keys|file is a table with the columns) (.+)\?", question)
+    return m[1].split(", ") if m else [w for w in re.findall(r"\w+", question)[1:] if len(w) >= 4]
+
+
+QUESTION_WORDS = set("which file defines the class function module described has code that does this document "
+                     "section json keys table with columns".split())
+
+
+def name_words(text: str) -> set[str]:
+    """The lower-case words of a name or question, camelCase and snake_case split, of three letters or more."""
+    return {w.lower() for w in re.split(r"[^A-Za-z0-9]+", re.sub(r"([a-z])([A-Z])", r"\1 \2", text))
+            if len(w) >= 3} - QUESTION_WORDS
+
+
 def repo_tasks(root: str, view_chars: int, per_level: int = 120) -> list[dict]:
     """Up to `per_level` tasks of `root` (a resolved path) per curriculum level, the kinds taken in
     turn, chosen by a seeded draw. A task's targets are every file with the fact, shown or not."""
@@ -605,6 +630,7 @@ class AutoExplore:
         self.task, self.root = task, task["repo"]
         self.seed = seed if seed is not None else 0
         self.cwd, self.read, self.history, self.result = (), [], [], "(nothing yet)"  # read: paths, in order
+        self.entered = set()  # folders moved into (for scripted)
         self.steps, self.done = 0, False
         # the targets and the directories above them are never left out of a listing
         self.keep = {tuple(t.split("/")[:i]) for t in task["targets"] for i in range(1, t.count("/") + 2)}
@@ -650,6 +676,7 @@ class AutoExplore:
         elif verb == "cd":
             if os.access(os.path.join(self.root, *self.cwd, name), os.R_OK | os.X_OK):
                 self.cwd, self.result = self.cwd + (name,), f"moved into {shown(name)}/"
+                self.entered.add(self.cwd)
             else:
                 cost, self.result = cost + 1, f"error: cannot open {shown(name)}/"
         elif verb == "cat":
@@ -684,6 +711,25 @@ class AutoExplore:
         """The first command of a shortest plan to the nearest target (ties: the first in order)."""
         plan = min((self.plan(t) for t in self.task["targets"]), key=len)
         return self.commands.index(plan[0])
+
+    def scripted(self) -> int:
+        """A reference without learning that never looks at the targets: `id` when the file just read
+        shows the question's evidence (question_evidence: what `grep` would look for), else read or
+        enter the unread file or new folder whose name shares the most words with the question (files
+        first on a tie, then menu order), else go up."""
+        q = self.task["question"]
+        if self.history[-1:] and self.history[-1].startswith("cat ") and self.commands[0][0] == "id" \
+                and all(e in self.result for e in question_evidence(q)):
+            return 0
+        words = name_words(q)
+
+        def score(name):
+            stem = name.rsplit(".", 1)[0].lstrip("_").lower()
+            return 10 * len(words & name_words(name.rsplit(".", 1)[0])) + max(
+                (len(w) for w in words if w in stem or (len(stem) >= 3 and stem in w)), default=0)
+        moves = [(score(n) + (verb == "cat") / 2, -i) for i, (verb, n) in enumerate(self.commands)
+                 if verb == "cat" or (verb == "cd" and n != ".." and self.cwd + (n,) not in self.entered)]
+        return -max(moves)[1] if moves else self.commands.index(("cd", "..")) if self.cwd else 0
 
 
 # ----------------------------------------------------------------------------------------------

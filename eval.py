@@ -1,5 +1,5 @@
 """
-Evaluation: checkpoints and the random and oracle baselines on the held-out test tasks of every
+Evaluation: checkpoints and the random, oracle (and on AutoExplore scripted) baselines on the held-out test tasks of every
 curriculum stage, as the paper's table (success rate with a 95% Wilson interval, mean return,
 dangerous-termination rate, mean steps), printed as Markdown and written to {out_dir}/eval.json.
 
@@ -110,9 +110,9 @@ def method_specs():
         if not (eq and name.strip() and (pol or refl)):
             raise SystemExit(f"error: --methods wants name=policy_dir[+reflection_dir] or name=+reflection_dir, got {item!r}")
         specs.append((name.strip(), pol, refl or None))
-    names = [n for n, _, _ in specs] + ["Random", "Oracle"]
+    names = [n for n, _, _ in specs] + ["Random", "Scripted", "Oracle"]
     if len(set(names)) < len(names):
-        raise SystemExit(f"error: --methods names a method twice (Random and Oracle are taken): {methods!r}")
+        raise SystemExit(f"error: --methods names a method twice (Random, Scripted and Oracle are taken): {methods!r}")
     return specs
 
 
@@ -156,6 +156,8 @@ def act(agent, batch, g):
         return [int(torch.randint(len(e.actions), (), generator=g, device=g.device)) for e in batch], reflections
     if agent["kind"] == "oracle":
         return [e.oracle() for e in batch], reflections
+    if agent["kind"] == "scripted":
+        return [e.scripted() for e in batch], reflections
     if agent["reflection"]:
         # an empty analysis stays a string: the prompt keeps the Analyze header the policy trained with
         reflections = reflect(agent["reflection"], [analyze_prompt(e.observation) for e in batch], g)
@@ -434,6 +436,8 @@ if __name__ == "__main__":
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     agents = [{"name": "Random", "kind": "random"}] + agents + [{"name": "Oracle", "kind": "oracle"}]
+    if hasattr(ENVS[env], "scripted"):  # AutoExplore: what matching the question's text alone does
+        agents.insert(1, {"name": "Scripted", "kind": "scripted"})
     methods = ",".join(f"{n}={p}" + (f"+{r}" if r else "") for n, p, r in specs)  # saved resolved
     report = {"env": env, "config": {k: globals()[k] for k in config_keys}, "stages": {}}
     os.makedirs(out_dir, exist_ok=True)

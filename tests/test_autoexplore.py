@@ -189,6 +189,34 @@ def test_menu_puts_the_unnamed_moves_first(repo):
     assert env.actions[:3] == ["id cache.py", "cat io.py", "cd .."]
 
 
+def test_scripted_reference_reads_the_question_not_the_targets(repo):
+    root = os.path.realpath(repo)
+    for t in envs.repo_tasks(root, 400):  # its evidence shows in what `cat` prints of every target
+        for target in t["targets"]:
+            *rel, name = target.split("/")
+            view = envs.view(envs.read_text(root, tuple(rel), name)[0], 400)
+            assert all(e in view for e in envs.question_evidence(t["question"])), t
+
+    def episode(targets, question="Which file defines the function open_net?"):
+        env = env_for(repo)
+        env.reset(task(repo, question, targets), seed=0)
+        moves = []
+        while not env.done:
+            moves.append(env.actions[env.scripted()])
+            _, _, info = env.step(env.actions.index(moves[-1]))
+        return moves, info["success"]
+    # no name here shares a word with the question: the files first, then the folders in menu order;
+    # in pkg/, "net" picks net.py, whose `def open_net(` it then recognises
+    walk = ["cat README.md", "cat alpha.py", "cat beta.py", "cat delta.py", "cat gamma.py", "cd data",
+            "cat prices.csv", "cd ..", "cd pkg", "cat net.py", "id net.py"]
+    assert episode(["pkg/net.py"]) == (walk, True)
+    assert episode(["alpha.py"]) == (walk, False)  # the targets play no part
+    moves, won = episode(["gamma.py"], "Which file defines the class GammaRunner?")
+    assert moves == ["cat gamma.py", "id gamma.py"] and won
+    moves, won = episode(["pkg/net.py"], "Which file defines the function open_nowhere?")  # nothing answers
+    assert not won and "id" not in " ".join(moves) and len(moves) == 15
+
+
 def test_split_by_repository_name(tmp_path):
     # a repository's split follows from its name alone: another repository more or less never moves
     # it (names chosen so that the six, and the last five, cover the three splits)
@@ -276,7 +304,7 @@ def test_tiny_end_to_end(tmp_path, repo):
         "--minibatch_size=4", "--reflection_max_tokens=8", "--device=cpu")
     stdout = run("eval.py", *env_args, f"--out_dir={out}", "--episodes=2", "--stages=depth1",
                  "--reflection_max_tokens=8", f"--methods=Reflect-RL={out}/rl+{out}/sft_reflection")
-    assert "Reflect-RL" in stdout and "Oracle" in stdout
+    assert "Reflect-RL" in stdout and "Scripted" in stdout and "Oracle" in stdout
     stdout = run("eval.py", "--env=autoexplore", f"--out_dir={out}", "--check", "--episodes=4",
                  "--reflection_max_tokens=8", f"--methods=Reflect-RL={out}/rl+{out}/sft_reflection")
     assert "| depth1 | 4 | (all) |" in stdout
