@@ -1,7 +1,8 @@
 """
 Evaluation: checkpoints and the baselines (random, oracle, and on AutoExplore a scripted agent) on
-the held-out test tasks of every curriculum stage, as the paper's table (success rate with a 95% Wilson interval, mean return,
-dangerous-termination rate, mean steps), printed as Markdown and written to {out_dir}/eval.json.
+the held-out test tasks of every curriculum stage, as the paper's table (success rate with a 95%
+Wilson interval, mean return, dangerous-termination rate, mean steps), printed as Markdown and
+written to {out_dir}/eval.json.
 
     python eval.py                                  # the standard comparison, whatever is trained
     python eval.py --methods="mine=out/taxi/rl+out/taxi/sft_reflection" --stages=full --greedy
