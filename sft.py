@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import ENVS, LABELS, MENU_HEAD, parse_menu, policy_prompt
+from envs import ENVS, LABELS, MENU_HEAD, analyze_prompt, parse_menu, policy_prompt
 from model import EOS, GPT, GPTConfig, label_token_ids, load_checkpoint, pick_device, pretrained_tokenizer, \
     save_checkpoint, train_tokenizer
 
@@ -73,6 +73,10 @@ shuffle_lines = -1  # policy and plain: 1 puts the menu's lines in a fresh rando
 swap_prob = -1.0  # policy: the probability that a drawn record's analysis names another command of its
                   # menu as its `Next:` step, which becomes the target, so that the policy must read
                   # the analysis; -1 means the environment's default in SWAP_PROB
+sampled_prob = 0.0  # policy: the probability that a drawn record's analysis is one sampled from the
+                    # trained reflection model (sft_reflection in out_dir, temperature 0.7, once per
+                    # record before training) instead of the teacher's, so that the policy also meets
+                    # the analyses it will see in play, mistakes included; the target stays the teacher's
 rename = -1  # 1 renames the objects of a household game at every draw (each takes the name of a random
             # object of the same TextWorld type from the training games, in prompt and completion),
             # so that names must be read and copied, not remembered; 0 keeps them; -1 means the
@@ -204,6 +208,27 @@ def swap_next(r):
         return r
     k = random.randrange(len(actions))
     return {**r, "prompt": policy_prompt(f"{head}Next: {actions[k]}.", actions, None, labels), "completion": labels[k]}
+
+
+@torch.no_grad()
+def sample_analyses(records, source):
+    """Each record with its teacher's analysis replaced by one that the reflection model in `source`
+    samples from the record's observation, as eval.py and rl.py sample them (batched, KV cache)."""
+    model, tok, _ = load_checkpoint(source)
+    model.to(dev).eval()
+    room = model.config.block_size - 96  # eval.py's and rl.py's reflection_max_tokens
+    g = torch.Generator(device=dev).manual_seed(seed)
+    out = list(records)
+    order = sorted(range(len(records)), key=lambda i: len(records[i]["prompt"]))  # similar lengths batch well
+    for k in tqdm(range(0, len(order), 64), desc=f"analyses sampled by {source}"):
+        batch = order[k:k + 64]
+        obs = [records[i]["prompt"].partition(analyze_prompt(""))[0] for i in batch]
+        ids = [tok.encode(analyze_prompt(o), add_special_tokens=False).ids[-room:] for o in obs]
+        texts = model.generate(ids, 96, temperature=0.7, stop=[tok.token_to_id(EOS)], generator=g)
+        for i, o, t in zip(batch, obs, texts):
+            labels, actions = parse_menu(records[i]["prompt"])
+            out[i] = {**records[i], "prompt": policy_prompt(o, actions, tok.decode(t).strip(), labels)}
+    return out
 
 
 _game_names = {}
@@ -341,6 +366,13 @@ def train(the_role):
     raw = {s: read_jsonl(os.path.join(data_dir, f"{the_role}{suffix}_{s}.jsonl")) for s in ("train", "val")}
     data = {s: encode(tok, raw[s], eos_id, model.config.block_size) for s in ("train", "val")}
     pool = name_pool(raw["train"]) if rename else {}
+    sampled = []  # the training records with sampled analyses, for the policy with sampled_prob > 0
+    if sampled_prob and the_role == "policy":
+        source = os.path.join(out_dir, f"sft_reflection{suffix}")
+        if not os.path.isfile(os.path.join(source, "ckpt.pt")):
+            raise FileNotFoundError(f"--sampled_prob samples analyses from {source}, which is not trained: run "
+                                    f"sft.py --role=reflection{'' if negatives else ' --negatives=False'} first")
+        sampled = sample_analyses(raw["train"], source)
     if rename and not pool:
         raise ValueError(f"--rename=1 found no object names in {data_dir}: it renames the objects of generated "
                          "household games only")
@@ -399,8 +431,10 @@ def train(the_role):
             idxs = idxs[k * batch_size:(k + 1) * batch_size]
         shuffle = (shuffle_labels or shuffle_lines) and the_role != "reflection"
         swap = swap_prob if the_role == "policy" else 0.0
-        if shuffle or rename or swap:  # drawn records changed afresh (the bucket's lengths are the data's)
-            recs = [rename_objects(raw["train"][i], pool) if rename else raw["train"][i] for i in idxs]
+        if shuffle or rename or swap or sampled:  # drawn records changed afresh (the bucket's lengths are the data's)
+            # no draws without sampled: the default runs keep the random stream they had
+            recs = [sampled[i] if sampled and random.random() < sampled_prob else raw["train"][i] for i in idxs]
+            recs = [rename_objects(r, pool) for r in recs] if rename else recs
             if swap:  # no draws without it: the default runs keep the random stream they had
                 recs = [swap_next(r) if random.random() < swap else r for r in recs]
             recs = [permute_menu(r, shuffle_labels, shuffle_lines) for r in recs] if shuffle else recs
@@ -447,6 +481,8 @@ if __name__ == "__main__":
         raise SystemExit(f"error: --shuffle_lines wants -1, 0 or 1, got {shuffle_lines}")
     if not (0 <= swap_prob <= 1 or swap_prob == -1):
         raise SystemExit(f"error: --swap_prob wants a probability (or -1), got {swap_prob}")
+    if not 0 <= sampled_prob <= 1:
+        raise SystemExit(f"error: --sampled_prob wants a probability, got {sampled_prob}")
     if rename not in (-1, 0, 1):
         raise SystemExit(f"error: --rename wants -1, 0 or 1, got {rename}")
     if policy_init not in ("", "scratch", "reflection"):

@@ -211,6 +211,36 @@ def test_swapped_next_step_is_the_target(trained, tmp_path):
     assert p.returncode != 0 and p.stderr.strip() == "error: --swap_prob wants a probability (or -1), got 1.5"
 
 
+def test_sampled_analyses(trained, tmp_path, monkeypatch):
+    """The reflection model's analysis replaces the teacher's, observation, menu and target kept."""
+    import shutil
+    import envs
+    data, out = trained
+    monkeypatch.setattr(sft, "dev", "cpu", raising=False)  # set by sft.py's main, not on import
+    monkeypatch.setattr(sft, "seed", 0)
+    recs = [json.loads(line) for line in open(os.path.join(data, "policy_train.jsonl"))][:20]
+    new = sft.sample_analyses(recs, os.path.join(out, "sft_reflection"))
+    assert new == sft.sample_analyses(recs, os.path.join(out, "sft_reflection"))  # seeded
+    changed = 0
+    for r, n in zip(recs, new):
+        obs, _, rest = r["prompt"].partition(envs.analyze_prompt(""))
+        analysis = n["prompt"].partition(envs.analyze_prompt(""))[2].partition("\n" + envs.MENU_HEAD)[0]
+        labels, actions = envs.parse_menu(r["prompt"])
+        assert n == {**r, "prompt": envs.policy_prompt(obs, actions, analysis, labels)}
+        changed += analysis != rest.partition("\n" + envs.MENU_HEAD)[0]
+    assert changed > 0  # a model trained 4 iterations does not write the teacher's analyses
+    shutil.copytree(os.path.join(out, "sft_reflection"), tmp_path / "sft_reflection")
+    shutil.copy(os.path.join(out, "tokenizer.json"), tmp_path / "tokenizer.json")
+    args = [f"--data_dir={data}", "--role=policy", "--max_iters=2", *TINY]
+    p = run("sft.py", f"--out_dir={tmp_path}", *args, "--sampled_prob=1")
+    assert "analyses sampled by" in p.stderr and os.path.isfile(tmp_path / "sft_policy" / "ckpt.pt")
+    p = run("sft.py", f"--out_dir={tmp_path / 'none'}", *args, "--sampled_prob=0.5", ok=False)
+    assert p.returncode != 0 and p.stderr.startswith("error: --sampled_prob samples analyses from") \
+        and len(p.stderr.strip().splitlines()) == 1
+    p = run("sft.py", "--sampled_prob=1.5", ok=False)
+    assert p.returncode != 0 and p.stderr.strip() == "error: --sampled_prob wants a probability, got 1.5"
+
+
 def test_renamed_objects(trained, tmp_path):
     """Every name of the record's game becomes another training name of its type, the same in prompt and
     completion, whole words only, capitals kept; records without a TextWorld game stay as they are."""
