@@ -74,7 +74,7 @@ swap_prob = -1.0  # policy: the probability that a drawn record's analysis names
                   # menu as its `Next:` step, which becomes the target, so that the policy must read
                   # the analysis; -1 means the environment's default in SWAP_PROB
 sampled_prob = 0.0  # policy: the probability that a drawn record's analysis is one sampled from the
-                    # trained reflection model (sft_reflection in out_dir, temperature 0.7, once per
+                    # trained reflection model (sft_reflection[_pos] in out_dir, temperature 0.7, once per
                     # record before training) instead of the teacher's, so that the policy also meets
                     # the analyses it will see in play, mistakes included; the target stays the teacher's
 rename = -1  # 1 renames the objects of a household game at every draw (each takes the name of a random
