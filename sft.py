@@ -216,7 +216,8 @@ def sample_analyses(records, source):
     samples from the record's observation, as eval.py and rl.py sample them (batched, KV cache)."""
     model, tok, _ = load_checkpoint(source)
     model.to(dev).eval()
-    room = model.config.block_size - 96  # eval.py's and rl.py's reflection_max_tokens
+    new_tokens = 96  # eval.py's and rl.py's reflection_max_tokens
+    room = model.config.block_size - new_tokens
     g = torch.Generator(device=dev).manual_seed(seed)
     out = list(records)
     order = sorted(range(len(records)), key=lambda i: len(records[i]["prompt"]))  # similar lengths batch well
@@ -224,7 +225,7 @@ def sample_analyses(records, source):
         batch = order[k:k + 64]
         obs = [records[i]["prompt"].partition(analyze_prompt(""))[0] for i in batch]
         ids = [tok.encode(analyze_prompt(o), add_special_tokens=False).ids[-room:] for o in obs]
-        texts = model.generate(ids, 96, temperature=0.7, stop=[tok.token_to_id(EOS)], generator=g)
+        texts = model.generate(ids, new_tokens, temperature=0.7, stop=[tok.token_to_id(EOS)], generator=g)
         for i, o, t in zip(batch, obs, texts):
             labels, actions = parse_menu(records[i]["prompt"])
             out[i] = {**records[i], "prompt": policy_prompt(o, actions, tok.decode(t).strip(), labels)}
@@ -432,10 +433,10 @@ def train(the_role):
         shuffle = (shuffle_labels or shuffle_lines) and the_role != "reflection"
         swap = swap_prob if the_role == "policy" else 0.0
         if shuffle or rename or swap or sampled:  # drawn records changed afresh (the bucket's lengths are the data's)
-            # no draws without sampled: the default runs keep the random stream they had
+            # sampled and swap draw random numbers only when on: the default runs keep the stream they had
             recs = [sampled[i] if sampled and random.random() < sampled_prob else raw["train"][i] for i in idxs]
             recs = [rename_objects(r, pool) for r in recs] if rename else recs
-            if swap:  # no draws without it: the default runs keep the random stream they had
+            if swap:
                 recs = [swap_next(r) if random.random() < swap else r for r in recs]
             recs = [permute_menu(r, shuffle_labels, shuffle_lines) for r in recs] if shuffle else recs
             x, y, y_lm = get_batch(encode(tok, recs, eos_id, model.config.block_size), range(len(idxs)), eos_id)
