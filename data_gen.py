@@ -218,15 +218,21 @@ OFF_PLAN = [
 PLAN = ["The walkthrough has {n} step{s} left: {steps}.", "{n} step{s} to go: {steps}.",
         "Remaining plan ({n} step{s}): {steps}."]
 PLAN_SHOWN = 3  # walkthrough steps named in a reflection; the rest are counted
+EXPLORE_SLACK = 6  # with explore=1, steps kept free for finding the way (the wall follower's detour)
 
 
 def household_reflection(env: envs.Household, best: int, rng: random.Random, detour: str | None) -> str:
-    """What went wrong (after a detour), what the walkthrough says is left, then its next command."""
+    """What went wrong (after a detour), what the walkthrough says is left, then its next command
+    (with explore, while searching, worked out from the wall follower's order and the room's exits)."""
     plan = env.walkthrough()
     assert plan[0] == env.actions[best]
     sentences = [] if detour is None else [rng.choice(OFF_PLAN).format(move=detour)]
     steps = ", then ".join(plan[:PLAN_SHOWN]) + (", ..." if len(plan) > PLAN_SHOWN else "")
     sentences.append(rng.choice(PLAN).format(n=len(plan), s="" if len(plan) == 1 else "s", steps=steps))
+    if env.explore and env.searching():  # the way, worked out from what the observation shows
+        last, order, exits = env.wall()
+        sentences.append(f"Follow the wall: {f'after {last}' if last else 'no move yet'}, try {', '.join(order)}; "
+                         f"exits: {', '.join(exits)}.")
     sentences.append(f"Next: {env.actions[best]}.")
     return " ".join(sentences)
 
@@ -235,7 +241,7 @@ def household_detours(env: envs.Household) -> list[int]:
     """Admissible commands off the walkthrough that waste at least a step but do not lose the game,
     and still leave time to win within the horizon."""
     plan = env.walkthrough()
-    steps_left = env.horizon - env.steps
+    steps_left = env.horizon - env.steps - EXPLORE_SLACK * env.explore  # the explorer's way can be longer
     detours = []
     for i, command in enumerate(env.actions):
         if command == plan[0]:

@@ -741,6 +741,8 @@ class AutoExplore:
 INFO_COMMANDS = {"look", "inventory", "help"}  # they only show what every observation already shows
 TEXT_LIMITS = {"Goal": 320, "Here": 360, "Carrying": 120, "Feedback": 200}  # characters per section
 HISTORY = 4  # commands shown in the observation's history
+COMPASS = ("north", "east", "south", "west")  # clockwise
+COMPASS_FACTS = {f"{d}_of" for d in COMPASS}  # TextWorld's north_of(a, b): a lies north of b
 
 
 def clean_text(text: str, limit: int) -> str:
@@ -851,6 +853,36 @@ def household_games(games_dir: str, n_games: int, extra_train: int = 0) -> dict[
     return paths
 
 
+def wall_order(history: list[str]) -> tuple[str | None, list[str]]:
+    """The last move among the history's shown commands (None if none) and the wall follower's
+    order of directions after it: right of it, straight on, left, back (as if north when None)."""
+    moves = [c[3:] for c in history[-HISTORY:] if c.startswith("go ")]
+    k = COMPASS.index(moves[-1]) if moves else 0
+    return (moves[-1] if moves else None), [COMPASS[(k + i) % 4] for i in (1, 0, 3, 2)]
+
+
+def room_exits(facts) -> dict[str, str | None]:
+    """{direction: its door or None} of the player's room, from TextWorld's facts (the room's
+    description says the same: "There is a closed wooden door leading north")."""
+    room = next(f.arguments[1].name for f in facts if f.name == "at" and f.arguments[0].name == "P")
+    exits = {f.name[:-3]: None for f in facts if f.name in COMPASS_FACTS and f.arguments[1].name == room}
+    for f in facts:  # link(room, door, other) and <dir>_of(other, room): the exit to <dir> has that door
+        if f.name == "link" and f.arguments[0].name == room:
+            exits.update({g.name[:-3]: f.arguments[1].name for g in facts if g.name in COMPASS_FACTS
+                          and g.arguments[0].name == f.arguments[2].name and g.arguments[1].name == room})
+    return exits
+
+
+def explore_move(facts, history: list[str]) -> str:
+    """The wall follower's move, from what the observation shows: the first exit of the room in
+    wall_order, its door opened first if it is closed. It finds every room of TextWorld's small
+    maps without a map (README, Household)."""
+    exits = room_exits(facts)
+    closed = {f.arguments[0].name for f in facts if f.name == "closed"}
+    d = next(d for d in wall_order(history)[1] if d in exits)
+    return f"open {exits[d]}" if exits[d] in closed else f"go {d}"
+
+
 class Household:
     name = "household"
     stages = ("len1", "len2", "full")  # quests of 1 step, 2 steps, 3 or more (see household_game_kind)
@@ -860,11 +892,14 @@ class Household:
     # make_env's "key=value" settings: where generated games are cached, how many per stage
     # (cut 60/10/30 into train/val/test), how many more training games to add (val and test stay the
     # same), ALFWorld's data directory (plays its games instead), and max_steps, the horizon for the
-    # scripts that have no --horizon flag (0: keep the given horizon)
-    options = {"games_dir": str, "n_games": int, "extra_train": int, "alfworld": str, "max_steps": int}
+    # scripts that have no --horizon flag (0: keep the given horizon), and explore (1: the oracle finds
+    # its way as an agent could, see searching)
+    options = {"games_dir": str, "n_games": int, "extra_train": int, "alfworld": str, "max_steps": int,
+               "explore": int}
 
     def __init__(self, stage: str = "full", horizon: int = 15, games_dir: str = "data/household/games",
-                 n_games: int = 600, extra_train: int = 0, alfworld: str = "", max_steps: int = 0):
+                 n_games: int = 600, extra_train: int = 0, alfworld: str = "", max_steps: int = 0,
+                 explore: int = 0):
         if stage not in self.stages:
             raise ValueError(f"unknown stage '{stage}' for {self.name}: choose from {', '.join(self.stages)}")
         horizon = max_steps or horizon
@@ -877,7 +912,9 @@ class Household:
                              f"got {extra_train} and {n_games}")
         if alfworld and not os.path.isdir(alfworld):
             raise ValueError(f"ALFWorld data directory '{alfworld}' does not exist (see the README)")
-        self.stage, self.horizon = stage, horizon
+        if explore not in (0, 1) or (explore and alfworld):
+            raise ValueError(f"explore must be 0 or 1, and 0 with ALFWorld's games, got {explore}")
+        self.stage, self.horizon, self.explore = stage, horizon, explore
         self.games_dir, self.n_games, self.extra_train, self.alfworld = games_dir, n_games, extra_train, alfworld
         self.actions, self.observation, self.steps, self.done = [], "", 0, True
         self.task, self._env, self._game_path, self._game_state, self._split_cache = None, None, None, None, {}
@@ -916,7 +953,7 @@ class Household:
         import textworld
         infos = textworld.EnvInfos(objective=True, description=True, inventory=True, admissible_commands=True,
                                    policy_commands=True, won=True, lost=True, score=True, max_score=True,
-                                   facts=path.endswith(".tw-pddl"), extras=["expert_plan"])
+                                   facts=path.endswith(".tw-pddl") or bool(self.explore), extras=["expert_plan"])
         wrappers = []
         if path.endswith(".tw-pddl"):  # ALFWorld: its object names and its expert (the PDDL planner)
             from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredExpert
@@ -996,8 +1033,30 @@ class Household:
     # -- privileged: the oracle ------------------------------------------------------------------
     def walkthrough(self) -> list[str]:
         """The commands that win from here: TextWorld's walkthrough (policy_commands) on generated
-        games, ALFWorld's expert (its PDDL planner) on ALFWorld's."""
-        return list(self._game_state["extra.expert_plan" if self.task.endswith(".tw-pddl") else "policy_commands"])
+        games, ALFWorld's expert (its PDDL planner) on ALFWorld's. While searching, the walkthrough's
+        moves are left out and explore_move comes first."""
+        plan = list(self._game_state["extra.expert_plan" if self.task.endswith(".tw-pddl") else "policy_commands"])
+        if not self.searching():
+            return plan
+        return [explore_move(self._game_state["facts"], self._history)] + [c for c in plan if not self._moving(c)]
+
+    def _moving(self, command: str) -> bool:
+        doors = {f.arguments[1].name for f in self._game_state["facts"] if f.name == "link"}
+        return command.startswith("go ") or (command.startswith("open ") and command[5:] in doors)
+
+    def searching(self) -> bool:
+        """With explore, whether the oracle finds the way as an agent could: the walkthrough of a
+        cooking game would move or open a door next, which no observation shows (a simple quest's
+        goal says which way to go), and the time left allows a step off the walkthrough (one move
+        changes its length by at most one, so it always still fits)."""
+        plan = self._game_state["policy_commands"] if self.explore else None
+        return bool(plan and self._moving(plan[0]) and recipe(self._game_state["game"])
+                    and self.horizon - self.steps >= len(plan) + 2)
+
+    def wall(self) -> tuple[str | None, list[str], list[str]]:
+        """While searching: the last move shown, the wall follower's order and the room's exits in it."""
+        last, order = wall_order(self._history)
+        return last, order, [d for d in order if d in room_exits(self._game_state["facts"])]
 
     def oracle(self) -> int:
         """The index of the walkthrough's next command."""

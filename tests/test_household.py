@@ -3,6 +3,7 @@ observation cleaning, an ALFWorld-format game won by ALFWorld's expert, the teac
 tiny end-to-end run of every stage (data_gen -> sft -> rl -> eval) in subprocesses."""
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data_gen  # noqa: E402
 import envs  # noqa: E402
 
 N_GAMES = 10  # per stage: 6 train, 1 val, 3 test
@@ -84,6 +86,61 @@ def test_walkthrough_oracle_wins_every_game(games, stage):
     assert max(lengths) <= {"len1": 1, "len2": 2, "full": env.horizon}[stage]
     if stage == "full":
         assert min(lengths) >= 3
+
+
+def test_explore_move_follows_the_wall():
+    from textworld.logic import Proposition, Variable
+    hall, kitchen, garden = Variable("hall", "r"), Variable("kitchen", "r"), Variable("garden", "r")
+    door = Variable("wooden door", "d")
+    facts = [Proposition("at", [Variable("P", "P"), hall]),
+             Proposition("north_of", [kitchen, hall]), Proposition("south_of", [hall, kitchen]),
+             Proposition("east_of", [garden, hall]), Proposition("west_of", [hall, garden]),
+             Proposition("link", [hall, door, kitchen]), Proposition("link", [kitchen, door, hall])]
+    closed = facts + [Proposition("closed", [door])]
+    # right of the last move, straight on, left, back; with no move shown, as if the last was north
+    assert envs.explore_move(closed, []) == "go east"
+    assert envs.explore_move(closed, ["go south"]) == "go east"  # west and south: no exit
+    assert envs.explore_move(closed, ["go west", "take apple"]) == "open wooden door"
+    assert envs.explore_move(facts, ["go west"]) == "go north"
+    # only the history's shown commands count: an older move is forgotten
+    assert envs.explore_move(closed, ["go west", "look", "look", "look", "look"]) == "go east"
+
+
+def test_exploring_oracle_finds_the_way(games):
+    plain = envs.make_env("household", "full", options=games)
+    env = envs.make_env("household", "full", options=games + ",explore=1")
+    kinds, searched, off = set(), 0, 0
+    for task in (t for split in envs.SPLITS for t in env.tasks(split)):
+        kind, rooms = envs.household_game_kind("full", int(os.path.basename(task)[:4]))
+        kinds.add(rooms if kind == "cooking" else kind)
+        env.reset(task)
+        for played in [[]] + [[c] for c in env.actions if c.startswith("go ")]:  # from the start, and one move on
+            env.reset(task)
+            plain.reset(task)
+            for command in played:
+                env.step(env.actions.index(command))
+                plain.step(plain.actions.index(command))
+            done = False
+            while not done:
+                command, walkthrough = env.actions[env.oracle()], plain.walkthrough()
+                if command != walkthrough[0]:  # off the walkthrough only to find the way in a cooking game
+                    assert kind == "cooking" and command.startswith(("go ", "open ")), command
+                    off += 1
+                time = env.horizon - env.steps >= len(walkthrough) + 2
+                if kind == "cooking" and walkthrough[0].startswith("go ") and time:
+                    assert command == envs.explore_move(env._game_state["facts"], played)  # where the wall leads
+                    last, order, exits = env.wall()  # the teacher's reasoning: the first exit in the order
+                    text = data_gen.household_reflection(env, env.oracle(), random.Random(0), None)
+                    assert f"try {', '.join(order)}; exits: {', '.join(exits)}. Next: {command}." in text
+                    assert command in (f"go {exits[0]}", f"open {envs.room_exits(env._game_state['facts'])[exits[0]]}")
+                    searched += 1
+                _, done, info = env.step(env.oracle())
+                plain.step(plain.actions.index(command))
+                played = played + [command]
+            assert info["success"] and env.steps <= env.horizon, (task, env.steps)
+    assert kinds == {"simple", 1, 6} and searched > 0 and off > 0
+    with pytest.raises(ValueError, match="explore must be 0 or 1"):
+        envs.make_env("household", "full", options="explore=2")
 
 
 def test_a_game_whose_walkthrough_fails_is_left_out(games, tmp_path):
