@@ -229,7 +229,7 @@ def household_reflection(env: envs.Household, best: int, rng: random.Random, det
     sentences = [] if detour is None else [rng.choice(OFF_PLAN).format(move=detour)]
     steps = ", then ".join(plan[:PLAN_SHOWN]) + (", ..." if len(plan) > PLAN_SHOWN else "")
     sentences.append(rng.choice(PLAN).format(n=len(plan), s="" if len(plan) == 1 else "s", steps=steps))
-    if env.explore and env.searching():  # the way, worked out from what the observation shows
+    if env.searching():  # with explore: the way, worked out from what the observation shows
         last, order, exits = env.wall()
         sentences.append(f"Follow the wall: {f'after {last}' if last else 'no move yet'}, try {', '.join(order)}; "
                          f"exits: {', '.join(exits)}.")
