@@ -81,6 +81,9 @@ rename = -1  # 1 renames the objects of a household game at every draw (each tak
             # object of the same TextWorld type from the training games, in prompt and completion),
             # so that names must be read and copied, not remembered; 0 keeps them; -1 means the
             # environment's default in RENAME. ALFWorld's games keep their names
+copy_warmup = 0  # scratch: iterations of a copying task before SFT (a span of random tokens repeated,
+                 # next-token loss), meant as a stand-in for the copying that pretraining brings; it
+                 # made both reflection models worse (README, Results); 0 skips it
 eval_interval = 250  # validation loss and a checkpoint every this many iterations
 eval_batches = 8
 seed = 1337
@@ -311,6 +314,34 @@ def sft_loss(model, x, y, eos_id, y_lm=None, lm_weight=0.0):
     return loss, (logits.argmax(-1) == target)[counted].sum(), counted.sum()
 
 
+def copy_batch(g, n, length, vocab):
+    """n rows of `length` tokens: a span of 8 to length / 2 random tokens, repeated to the end."""
+    span = torch.randint(8, length // 2 + 1, (n, 1), generator=g)
+    x = torch.randint(vocab, (n, length), generator=g)
+    return x.gather(1, torch.arange(length) % span)  # position i holds the token at i mod span
+
+
+def warm_up_copy(model, iters, length=256):
+    """Train a fresh model to copy: each sequence is a span of random tokens repeated until the
+    sequence is full, under a next-token loss on every token. The default scratch model learns it
+    abruptly after a plateau of about 1000 iterations; SFT afterwards undoes it (README, Results)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=weight_decay)
+    V, dev_ = model.config.vocab_size, next(model.parameters()).device
+    length = min(length, model.config.block_size)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(iters), desc="copy warm-up")
+    for it in bar:
+        for group in opt.param_groups:
+            group["lr"] = learning_rate * min(1.0, (it + 1) / warmup_iters)
+        x = copy_batch(g, batch_size, length, V).to(dev_)
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
 def get_tokenizer(init):
     """One tokenizer per environment for scratch runs, trained once on all the data and cached."""
     if init != "scratch":
@@ -359,6 +390,8 @@ def train(the_role):
             tok = get_tokenizer(init)
             model = GPT(GPTConfig(block_size=block_size, vocab_size=tok.get_vocab_size(), n_layer=n_layer,
                                   n_head=n_head, n_embd=n_embd, **lora))
+            if copy_warmup:
+                warm_up_copy(model.to(dev), copy_warmup)
         else:
             tok = get_tokenizer(init)
             model = GPT.from_pretrained(init, **lora)

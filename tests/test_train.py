@@ -97,6 +97,31 @@ def trained(tmp_path_factory):
     return data, out
 
 
+def test_copy_warm_up(trained, tmp_path, monkeypatch):
+    data, _ = trained
+    args = [f"--data_dir={data}", "--role=reflection", "--max_iters=1", *TINY]
+    run("sft.py", *args, f"--out_dir={tmp_path / 'plain'}")
+    assert "copy warm-up" in run("sft.py", *args, f"--out_dir={tmp_path / 'warm'}", "--copy_warmup=3").stderr
+    a, b = (torch.load(tmp_path / d / "sft_reflection" / "ckpt.pt", weights_only=True)["model"]
+            for d in ("plain", "warm"))
+    assert not torch.equal(a["lm_head.weight"], b["lm_head.weight"])  # the warm-up ran before the same SFT step
+    x = sft.copy_batch(torch.Generator().manual_seed(0), 64, 48, 16)
+    spans = [next(s for s in range(8, 25) if torch.equal(row[s:], row[:-s])) for row in x]  # each row repeats
+    assert len(set(spans)) > 5  # spans of many lengths
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
+    x = sft.copy_batch(torch.Generator().manual_seed(1), 64, 48, 64)
+
+    def copy_loss():  # on the second half of each row, which repeats the first
+        with torch.no_grad():
+            return F.cross_entropy(model(x[:, :-1])[:, 24:].flatten(0, 1), x[:, 25:].flatten()).item()
+
+    assert copy_loss() > 0.95 * math.log(64)  # no better than a guess
+    monkeypatch.setattr(sft, "batch_size", 16)
+    sft.warm_up_copy(model, 1500, length=48)
+    assert copy_loss() < 0.8 * math.log(64)
+
+
 def rl_args(out, *extra):
     return [f"--out_dir={out}", "--num_envs=3", "--minibatch_size=8", "--reflection_max_tokens=12", "--device=cpu",
             *extra]
