@@ -365,7 +365,7 @@ def train(the_role):
     ckpt_dir = os.path.join(out_dir, f"sft_{the_role}{suffix}")
     log_path = os.path.join(ckpt_dir, "log.jsonl")
     cfg = {k: globals()[k] for k in config_keys} | {"role": the_role, "max_iters": iters}
-    torch.manual_seed(seed + rank)
+    torch.manual_seed(seed)  # the same initial weights on every rank (DDP averages gradients, not weights)
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     start_iter, opt_state, ckpt = 0, None, None
@@ -395,6 +395,8 @@ def train(the_role):
         else:
             tok = get_tokenizer(init)
             model = GPT.from_pretrained(init, **lora)
+    if world > 1 and init_from != "resume":
+        torch.manual_seed(seed + rank)  # then a stream of its own
     label_token_ids(tok, LABELS)  # start-up check: every action label is one token
     eos_id = tok.token_to_id(EOS)
     raw = {s: read_jsonl(os.path.join(data_dir, f"{the_role}{suffix}_{s}.jsonl")) for s in ("train", "val")}
