@@ -15,6 +15,7 @@ GPT-2 written out by hand, for Reflect-RL.
 """
 import math
 import os
+import random
 from contextlib import contextmanager
 from dataclasses import dataclass, asdict
 
@@ -386,6 +387,39 @@ def save_checkpoint(out_dir, model, tokenizer, init_from, **extra):
     tokenizer.save(os.path.join(out_dir, "tokenizer.json.tmp"))
     os.replace(os.path.join(out_dir, "tokenizer.json.tmp"), os.path.join(out_dir, "tokenizer.json"))
     os.replace(tmp, os.path.join(out_dir, "ckpt.pt"))
+
+
+def rng_states(gen=None):
+    """Every rank's Python and torch RNG states (and gen's), a list indexed by rank, so that a resumed
+    run continues each rank's own stream. Under torchrun a collective: every rank must call it."""
+    mine = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if gen is not None:
+        mine["gen"] = gen.get_state()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng(saved, seed, rank, world, gen=None):
+    """Restores this rank's states from rng_states(). A checkpoint from another number of ranks (or
+    one of a single dict, written before the states were kept per rank) reseeds every rank afresh."""
+    saved = [saved] if isinstance(saved, dict) else saved
+    if len(saved) != world:
+        if rank == 0:
+            print(f"resume: the checkpoint holds the random streams of {len(saved)} rank(s), this run has "
+                  f"{world}: every rank draws a new stream")
+        fresh = seed + 1000 * world + rank  # not one of the streams runs start with (seed + rank)
+        random.seed(fresh)
+        torch.manual_seed(fresh)
+        if gen is not None:
+            gen.manual_seed(fresh)
+        return
+    random.setstate(saved[rank]["python"])
+    torch.set_rng_state(saved[rank]["torch"])
+    if gen is not None:
+        gen.set_state(saved[rank]["gen"])
 
 
 def load_checkpoint(out_dir, device="cpu", **overrides):

@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from envs import ENVS, LABELS, analyze_prompt, make_env, policy_prompt
-from model import EOS, label_token_ids, load_checkpoint, pick_device, save_checkpoint
+from model import EOS, label_token_ids, load_checkpoint, pick_device, restore_rng, rng_states, save_checkpoint
 
 # ----------------------------------------------------------------------------- config
 env = "taxi"  # see envs.ENVS
@@ -326,9 +326,7 @@ if __name__ == "__main__":
     if resume:
         it, stage_idx, stage_start, env_steps = ckpt["iter"], ckpt["stage_idx"], ckpt["stage_start"], ckpt["env_steps"]
         optimizer.load_state_dict(ckpt["optimizer"])
-        random.setstate(ckpt["rng"]["python"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        gen.set_state(ckpt["rng"]["gen"])
+        restore_rng(ckpt["rng"], seed, rank, world, gen)
     log_path = os.path.join(run_dir, "log.jsonl")
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
@@ -338,13 +336,13 @@ if __name__ == "__main__":
               f"{num_envs} episodes/iter x {total_iters} iters, device {dev}")
 
     def checkpoint():
+        rng = rng_states(gen)  # every rank takes part
         if rank == 0:
             save_checkpoint(run_dir, policy, tok, init_from, iter=it, stage_idx=stage_idx, stage_start=stage_start,
                             env_steps=env_steps,
                             optimizer=optimizer.state_dict(), config=cfg | {"policy_from": policy_from,
                                                                             "reflection_from": reflection_from},
-                            rng={"python": random.getstate(),
-                                 "torch": torch.get_rng_state(), "gen": gen.get_state()})
+                            rng=rng)
 
     envs = [make_env(env, stages[stage_idx], horizon or None, env_options) for _ in range(num_envs)]
     bar = tqdm(range(it, total_iters), initial=it, total=total_iters, desc="rl", disable=rank != 0)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from envs import ENVS, LABELS, MENU_HEAD, analyze_prompt, parse_menu, policy_prompt
 from model import EOS, GPT, GPTConfig, label_token_ids, load_checkpoint, pick_device, pretrained_tokenizer, \
-    save_checkpoint, train_tokenizer
+    restore_rng, rng_states, save_checkpoint, train_tokenizer
 
 # ----------------------------------------------------------------------------- config
 env = "taxi"  # environment whose data to train on (see envs.ENVS)
@@ -372,8 +372,7 @@ def train(the_role):
     if init_from == "resume":
         model, tok, ckpt = load_checkpoint(ckpt_dir)
         start_iter, opt_state, init = ckpt["iter"], ckpt["optimizer"], ckpt["init_from"]
-        random.setstate(ckpt["rng"]["python"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        restore_rng(ckpt["rng"], seed, rank, world)
     else:
         init = init_from
         lora = dict(dropout=dropout, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets)
@@ -443,10 +442,9 @@ def train(the_role):
         return learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
     def checkpoint(it):
+        rng = rng_states()  # every rank takes part
         if rank == 0:
-            save_checkpoint(ckpt_dir, model, tok, init, iter=it, optimizer=optimizer.state_dict(), config=cfg,
-                            rng={"python": random.getstate(),
-                                 "torch": torch.get_rng_state()})
+            save_checkpoint(ckpt_dir, model, tok, init, iter=it, optimizer=optimizer.state_dict(), config=cfg, rng=rng)
 
     if rank == 0:
         os.makedirs(ckpt_dir, exist_ok=True)

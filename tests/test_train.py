@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import rl  # noqa: E402
 import sft  # noqa: E402
-from model import EOS, GPT, GPTConfig, train_tokenizer  # noqa: E402
+from model import EOS, GPT, GPTConfig, restore_rng, rng_states, train_tokenizer  # noqa: E402
 from envs import LABELS  # noqa: E402
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--vocab_size=400", "--batch_size=8", "--eval_interval=2",
@@ -326,3 +326,31 @@ def test_torchrun_data_parallel(trained, tmp_path):
                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert p.returncode == 0, p.stderr[-2000:]
     assert len(log_records(os.path.join(out, "rl", "log.jsonl"))) == 1
+    for ckpt_dir in ("sft_plain", "rl"):  # each rank's random streams, to resume them
+        rng = torch.load(os.path.join(out, ckpt_dir, "ckpt.pt"), weights_only=True)["rng"]
+        assert len(rng) == 2 and rng[0]["python"] != rng[1]["python"]
+    p = subprocess.run(tr + [os.path.join(ROOT, "sft.py"), f"--data_dir={data}", f"--out_dir={out}", "--role=plain",
+                             "--init_from=resume", "--max_iters=4", *TINY],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and "new stream" not in p.stdout, p.stderr[-2000:]
+    assert torch.load(os.path.join(out, "sft_plain", "ckpt.pt"), weights_only=True)["iter"] == 4
+
+
+def test_restore_rng_per_rank():
+    """Rank r continues the stream it saved; another rank count, or a checkpoint of one dict, draws anew."""
+    states, expect = [], []
+    for r in range(2):
+        random.seed(r)
+        torch.manual_seed(r)
+        states += rng_states()
+        expect.append((random.random(), torch.rand(1).item()))
+    for r in range(2):
+        random.seed(99)
+        torch.manual_seed(99)
+        restore_rng(states, 0, r, 2)
+        assert (random.random(), torch.rand(1).item()) == expect[r]
+    restore_rng(states[0], 0, 1, 2)  # the format before per-rank states, under two ranks
+    old_format = random.random(), torch.rand(1).item()
+    restore_rng(states, 0, 1, 3)  # two ranks saved, three resume
+    other_world = random.random(), torch.rand(1).item()
+    assert len({old_format, other_world, *expect}) == 4
