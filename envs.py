@@ -781,6 +781,13 @@ def household_game_kind(stage: str, index: int) -> tuple[str, int]:
     return ("simple", 3) if index % 2 == 0 else ("cooking", 1 if index % 4 == 1 else 6)
 
 
+def household_game_seed(stage: str, index: int) -> int:
+    """Game `index` of stage k: seed SPLIT_SEED + 1000 k + index below 1000; from 1000 on the stages
+    take turns after the last block (k = 0, 1, 2, 0, ...), so that no two games share a seed."""
+    k, n = Household.stages.index(stage), len(Household.stages)
+    return SPLIT_SEED + (1000 * k + index if index < 1000 else 1000 * n + n * (index - 1000) + k)
+
+
 def make_household_game(path: str, stage: str, index: int, split: str) -> None:
     """Generate and compile one game into path (.z8, plus TextWorld's .json beside it). The seed
     is fixed by stage and index; cooking games of the val and test splits use TextWorld's own held-out
@@ -792,7 +799,7 @@ def make_household_game(path: str, stage: str, index: int, split: str) -> None:
 
     kind, size = household_game_kind(stage, index)
     options = textworld.GameOptions()
-    options.seeds = SPLIT_SEED + 1000 * Household.stages.index(stage) + index
+    options.seeds = household_game_seed(stage, index)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path))
     options.path = os.path.join(tmp, "game.z8")
     if kind == "simple":
@@ -907,9 +914,8 @@ class Household:
             raise ValueError(f"horizon must be at least 1, got {horizon}")
         if n_games < 3:
             raise ValueError(f"n_games must be at least 3 (train, val and test games), got {n_games}")
-        if extra_train < 0 or n_games + extra_train > 1000:  # a stage's game seeds are 1000 apart from the next's
-            raise ValueError(f"extra_train must be at least 0 and n_games + extra_train at most 1000, "
-                             f"got {extra_train} and {n_games}")
+        if extra_train < 0:
+            raise ValueError(f"extra_train must be at least 0, got {extra_train}")
         if alfworld and not os.path.isdir(alfworld):
             raise ValueError(f"ALFWorld data directory '{alfworld}' does not exist (see the README)")
         if explore not in (0, 1) or (explore and alfworld):

@@ -68,9 +68,15 @@ def test_extra_training_games_leave_val_and_test_alone(games):
         extra = [envs.household_game_path(games_dir, stage, i, "train") for i in (N_GAMES, N_GAMES + 1)]
         assert more.tasks("train") == plain.tasks("train") + extra and all(os.path.isfile(p) for p in extra)
         assert more.tasks("val") == plain.tasks("val") and more.tasks("test") == plain.tasks("test")
-    for bad in ("extra_train=-1", "n_games=900,extra_train=101"):
-        with pytest.raises(ValueError, match="extra_train must be at least 0"):
-            envs.make_env("household", "len1", options=f"games_dir={games_dir},{bad}")
+    with pytest.raises(ValueError, match="extra_train must be at least 0"):
+        envs.make_env("household", "len1", options=f"games_dir={games_dir},extra_train=-1")
+
+
+def test_game_seeds_unique_and_unchanged_below_1000():
+    seeds = [envs.household_game_seed(s, i) for s in envs.Household.stages for i in range(2500)]
+    assert len(set(seeds)) == len(seeds)
+    assert [envs.household_game_seed(s, 7) for s in envs.Household.stages] == \
+        [envs.SPLIT_SEED + 7, envs.SPLIT_SEED + 1007, envs.SPLIT_SEED + 2007]
 
 
 @pytest.mark.parametrize("stage", envs.Household.stages)
