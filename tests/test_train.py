@@ -319,19 +319,21 @@ def test_torchrun_data_parallel(trained, tmp_path):
     """Two CPU ranks (gloo): gradients averaged by hand, checkpoints from rank 0."""
     data, _ = trained
     out = str(tmp_path / "out")
-    tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    def torchrun(script, *args):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               os.path.join(ROOT, script), *args], capture_output=True, text=True, cwd=ROOT,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
     for script, args in (("sft.py", [f"--data_dir={data}", f"--out_dir={out}", "--max_iters=2", *TINY]),
                          ("rl.py", rl_args(out, "--total_iters=1"))):
-        p = subprocess.run(tr + [os.path.join(ROOT, script), *args], capture_output=True, text=True, cwd=ROOT,
-                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        p = torchrun(script, *args)
         assert p.returncode == 0, p.stderr[-2000:]
     assert len(log_records(os.path.join(out, "rl", "log.jsonl"))) == 1
     for ckpt_dir in ("sft_plain", "rl"):  # each rank's random streams, to resume them
         rng = torch.load(os.path.join(out, ckpt_dir, "ckpt.pt"), weights_only=True)["rng"]
         assert len(rng) == 2 and rng[0]["python"] != rng[1]["python"]
-    p = subprocess.run(tr + [os.path.join(ROOT, "sft.py"), f"--data_dir={data}", f"--out_dir={out}", "--role=plain",
-                             "--init_from=resume", "--max_iters=4", *TINY],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = torchrun("sft.py", f"--data_dir={data}", f"--out_dir={out}", "--role=plain", "--init_from=resume",
+                 "--max_iters=4", *TINY)
     assert p.returncode == 0 and "new stream" not in p.stdout, p.stderr[-2000:]
     assert torch.load(os.path.join(out, "sft_plain", "ckpt.pt"), weights_only=True)["iter"] == 4
 
