@@ -130,7 +130,9 @@ def test_cli_errors(tmp_path):
                           (["--episodes=many"], "--episodes wants an integer, got 'many'"),
                           (["--shuffle_labels=maybe"], "--shuffle_labels wants true or false"),
                           (["episodes=3"], "use --key=value"),
-                          (["--env=chess", f"--out_dir={tmp_path}"], "unknown environment 'chess'")]:
+                          (["--env=chess", f"--out_dir={tmp_path}"], "unknown environment 'chess'"),
+                          (["--made_up_food=2", f"--out_dir={tmp_path}"], "made_up_food must be in [0, 1], got 2.0"),
+                          (["--made_up_food=0.5", f"--out_dir={tmp_path}"], "household cooking games only")]:
         result = run(*args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1

@@ -4,6 +4,7 @@ tiny end-to-end run of every stage (data_gen -> sft -> rl -> eval) in subprocess
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -199,6 +200,49 @@ def test_cooking_goal_names_the_recipe(games):
         for food in ingredients:
             assert any(c.startswith(f"take {food}") for c in env.walkthrough()), (task, food)
     assert set(kinds) == {True, False}  # full has cooking games and simple quests
+
+
+def test_made_up_food_names(games, tmp_path):
+    # --made_up_food=1: the food of every cooking episode renamed, the same in all its records (an
+    # episode that starts with a detour in the policy and plain files follows the previous one's
+    # draw); everything else unchanged
+    made = {}
+    for name, p in (("real", 0.0), ("made", 1.0)):
+        data_gen.generate("household", str(tmp_path / name), 4, 1, 0.5, 0, env_options=games, made_up_food=p)
+        made[name] = {f: [json.loads(line) for line in open(tmp_path / name / f)]
+                      for f in sorted(os.listdir(tmp_path / name)) if f.endswith(".jsonl")}
+    recipe = lambda r: re.search(r"The cookbook's recipe needs: (.+?)\.\n", r["prompt"])
+    renamed = 0
+    for f, real in made["real"].items():
+        episodes, last = [], None
+        for a, b in zip(real, made["made"][f], strict=True):
+            state = a["state"]
+            played = last["commands"] if last else None
+            if last is None or state["game"] != last["game"] or state["commands"][:len(played)] != played:
+                episodes.append([])
+            episodes[-1].append((a, b))
+            last = state
+        for episode in episodes:
+            names = set()
+            for a, b in episode:
+                assert {k: v for k, v in a.items() if k not in ("prompt", "completion")} == \
+                       {k: v for k, v in b.items() if k not in ("prompt", "completion")}
+                food, new = recipe(a)[1] if recipe(a) else None, recipe(b)[1] if recipe(b) else None
+                names.add(new)
+                if food is None or a == b:
+                    assert a == b
+                    continue
+                assert re.fullmatch(r"([bcdfghklmnprstvz][aeiou]){2,3}( ([bcdfghklmnprstvz][aeiou]){2,3})?", new)
+                assert b["prompt"] == a["prompt"].replace(food, new) and food not in b["prompt"]
+                assert b["completion"] == a["completion"].replace(food, new)
+                renamed += 1
+            assert len(names) == 1  # one name (or none) for the whole episode
+            first = episode[0][0]
+            if recipe(first) and not first["state"]["commands"]:
+                assert episode[0][0] != episode[0][1]  # an episode seen from its start is always renamed
+            if f.startswith("reflection"):  # every state is in the reflection files, the start too
+                assert not first["state"]["commands"]
+    assert renamed > 0
 
 
 # An ALFWorld-format game written for this test from the PDDL domain and grammar that the alfworld
