@@ -28,6 +28,10 @@ CONFIGS = {
     "xl": GPTConfig(block_size=1024, vocab_size=50257, n_layer=48, n_head=25, n_embd=1600),
 }
 for arg in sys.argv[1:]:
+    if arg in ("-h", "--help"):
+        block = open(__file__).read().split("# " + "-" * 77)[1].removeprefix(" config").split("\nCONFIGS")[0]
+        print(f"{__doc__.strip()}\n\noptions, each --key=value (the defaults):{block.rstrip()}")
+        sys.exit(0)
     key, _, val = arg.removeprefix("--").partition("=")
     if key not in globals() or key.startswith("_") or key in ("CONFIGS", "sys", "time", "torch", "GPT", "GPTConfig"):
         sys.exit(f"error: unknown option {arg} (known: configs, device, dtype, batch_size, seq_len, prompt_len, new_tokens, reps)")

@@ -51,9 +51,10 @@ shuffle_labels = False  # permute the action labels at every step, against posit
 made_up_food = 0.0  # household: the chance that a cooking episode's food takes a made-up name in all its
                     # records, so that the models learn to copy names they have never seen (README)
 seed = 0  # drives every random choice: the same seed writes byte-identical files
+# ----------------------------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_")
                and isinstance(v, (bool, int, float, str))]
-# ----------------------------------------------------------------------------------------------
+
 # AutoExplore needs more episodes (its tasks are many and varied) and more detours: without them
 # nearly every `cat` in the data is of the answer, and the models learn to identify whatever they
 # have just read. With 0.7 (and the seed that sft.py passes, 1337), 1520 of the 3600 reads of a target
@@ -418,6 +419,9 @@ def parse_overrides(argv: list[str], defaults: dict) -> dict:
 
 
 if __name__ == "__main__":
+    if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
+        print(__doc__.strip() + "\n\n" + open(__file__).read().split("# " + "-" * 94)[1].strip())
+        sys.exit(0)
     try:
         cfg = parse_overrides(sys.argv[1:], {k: globals()[k] for k in config_keys})
         generate(cfg["env"], cfg["out_dir"] or os.path.join("data", cfg["env"]), cfg["episodes"],

@@ -64,8 +64,13 @@ STANDARD = (("SFT", "sft_policy", "sft_reflection"),
 
 
 def parse_args(argv):
-    """--key=value overrides of the defaults above, type-checked; --flag alone means True."""
+    """--key=value overrides of the defaults above, type-checked; --flag alone means True; --help
+    prints the docstring and the config block."""
     for arg in argv:
+        if arg in ("-h", "--help"):
+            block = open(__file__).read().split("# " + "-" * 77)[1].removeprefix(" config")
+            print(f"{__doc__.strip()}\n\noptions, each --key=value (the defaults):{block.rstrip()}")
+            raise SystemExit(0)
         key, eq, val = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or key not in config_keys:
             raise SystemExit(f"error: unknown option {arg} (known: {', '.join('--' + k for k in config_keys)})")

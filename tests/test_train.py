@@ -294,6 +294,20 @@ def test_renamed_objects(trained, tmp_path):
     assert p.returncode != 0 and p.stderr.strip().endswith("renames the objects of generated household games only")
 
 
+def test_help():
+    """--help (or -h) prints the script's docstring and every option with its default, and exits 0."""
+    import data_gen
+    import eval as evaluate
+    keys = {"data_gen.py": data_gen.config_keys, "sft.py": sft.config_keys, "rl.py": rl.config_keys,
+            "eval.py": evaluate.config_keys, "bench.py": ["configs", "device", "dtype", "reps"]}
+    for script, names in keys.items():
+        for flag in ("--help", "-h"):
+            p = run(script, flag)
+            assert p.stderr == "" and p.stdout.startswith(open(os.path.join(ROOT, script)).read().split("\n")[1])
+            assert all(f"\n{k} = " in p.stdout for k in names), script
+            assert "config_keys" not in p.stdout
+
+
 def test_bad_input(trained, tmp_path):
     data, out = trained
     for script in ("sft.py", "rl.py", "data_gen.py"):
