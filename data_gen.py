@@ -30,7 +30,6 @@ import json
 import os
 import random
 import re
-import string
 import sys
 import time
 
@@ -51,8 +50,6 @@ neg_prob = -1.0  # chance per step that the teacher takes a detour (a negative e
 shuffle_labels = False  # permute the action labels at every step, against position bias
 made_up_food = 0.0  # household: the chance that a cooking episode's food takes a made-up name in all its
                     # records, so that the models learn to copy names they have never seen (README)
-made_up_words = "syllables"  # the made-up names: "syllables" (two or three consonant-vowel pairs, one or
-                             # two words) or "letters" (3 to 8 random letters, one to three words)
 seed = 0  # drives every random choice: the same seed writes byte-identical files
 # ----------------------------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_")
@@ -316,25 +313,20 @@ def teacher_run(env_name: str, options: str, split: str, n_episodes: int, neg_pr
     return records
 
 
-def made_up_food_names(recs: list[dict], p: float, rng: random.Random, words="syllables") -> list[dict]:
+def made_up_food_names(recs: list[dict], p: float, rng: random.Random) -> list[dict]:
     """The household records with the food of each cooking episode, by chance p, renamed in prompt and
-    completion to a made-up name: one or two words of two or three consonant-vowel syllables (`doma
-    zotu`), or with words="letters" one to three words of 3 to 8 random letters (`qxue hbzmwo`), the
-    same name in every record of the episode (recipes of several foods are left alone; the games
+    completion to one or two made-up words of two or three consonant-vowel syllables (`doma zotu`),
+    the same name in every record of the episode (recipes of several foods are left alone; the games
     made here need one). The games are not changed. An episode begins at a record with no commands
     played or a change of food; in the policy and plain files an episode whose first step was a
     detour has no such record and takes the previous episode's draw (renamed or not) when the food
     does not say otherwise."""
-    def word():
-        if words == "letters":
-            return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
-        return "".join(rng.choice("bcdfghklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3)))
-    most = 3 if words == "letters" else 2  # words in a name
+    word = lambda: "".join(rng.choice("bcdfghklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3)))
     swap, out = None, []
     for r in recs:
         food = re.search(r"The cookbook's recipe needs: ([^,]+?)\.\n", r["prompt"])
         if not r["state"]["commands"] or (swap and (not food or food[1] != swap[0])):  # a new episode
-            swap = (food[1], " ".join(word() for _ in range(rng.randint(1, most)))) if food and rng.random() < p else None
+            swap = (food[1], " ".join(word() for _ in range(rng.randint(1, 2)))) if food and rng.random() < p else None
         out.append(r | {k: r[k].replace(*swap) for k in ("prompt", "completion")} if swap else r)
     return out
 
@@ -352,8 +344,7 @@ def write_atomic(path: str, text: str):
 
 
 def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_prob: float, seed: int,
-             shuffle_labels: bool = False, env_options: str = "", made_up_food: float = 0.0,
-             made_up_words: str = "syllables") -> dict:
+             shuffle_labels: bool = False, env_options: str = "", made_up_food: float = 0.0) -> dict:
     """Write every data file to out_dir and return the metadata (also saved as meta.json).
     episodes=0 and neg_prob=-1 take the environment's defaults."""
     envs.make_env(env_name, options=env_options)  # fails early, with the list of names, on an unknown environment
@@ -369,8 +360,6 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
         raise ValueError(f"made_up_food must be in [0, 1], got {made_up_food}")
     if made_up_food and env_name != "household":
         raise ValueError("made_up_food renames the food of household cooking games only")
-    if made_up_words not in ("syllables", "letters"):
-        raise ValueError(f"made_up_words must be syllables or letters, got '{made_up_words}'")
     for stage in envs.ENVS[env_name].stages:  # what the tasks need (household games) is made before the bar starts
         envs.make_env(env_name, stage, options=env_options).tasks("train")
     t0 = time.time()
@@ -386,8 +375,7 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
                 for kind, recs in records.items():
                     files[f"{kind}{suffix}_{split}.jsonl"] = recs
     if made_up_food:  # a stream per file, named by it (the seed already decides the episodes)
-        files = {name: made_up_food_names(recs, made_up_food, random.Random(name), made_up_words)
-                 for name, recs in files.items()}
+        files = {name: made_up_food_names(recs, made_up_food, random.Random(name)) for name, recs in files.items()}
     # everything is generated before anything is written, so a failure leaves old files whole
     os.makedirs(out_dir, exist_ok=True)
     for name, recs in files.items():
@@ -396,8 +384,7 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
     meta = {
         "config": {"env": env_name, "out_dir": out_dir, "episodes": episodes, "val_episodes": val_episodes,
                    "neg_prob": neg_prob, "shuffle_labels": shuffle_labels, "seed": seed,
-                   "env_options": env_options, "made_up_food": made_up_food,
-                   "made_up_words": made_up_words},
+                   "env_options": env_options, "made_up_food": made_up_food},
         "stages": list(envs.ENVS[env_name].stages),
         "horizon": envs.make_env(env_name, options=env_options).horizon,
         "counts": {name: len(recs) for name, recs in files.items()},
@@ -439,7 +426,7 @@ if __name__ == "__main__":
         cfg = parse_overrides(sys.argv[1:], {k: globals()[k] for k in config_keys})
         generate(cfg["env"], cfg["out_dir"] or os.path.join("data", cfg["env"]), cfg["episodes"],
                  cfg["val_episodes"], cfg["neg_prob"], cfg["seed"], cfg["shuffle_labels"], cfg["env_options"],
-                 cfg["made_up_food"], cfg["made_up_words"])
+                 cfg["made_up_food"])
     except ValueError as e:
         print(f"data_gen.py: {e}", file=sys.stderr)
         sys.exit(2)
