@@ -359,8 +359,9 @@ def get_tokenizer(init):
     texts = (r["prompt"] + r["completion"] for n in names for r in read_jsonl(os.path.join(data_dir, n)))
     tok = train_tokenizer(texts, vocab_size, LABELS)
     os.makedirs(out_dir, exist_ok=True)
-    tok.save(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: under torchrun every rank trains and saves the same one
+    tok.save(tmp)
+    os.replace(tmp, path)
     return tok
 
 
