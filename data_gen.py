@@ -314,17 +314,19 @@ def teacher_run(env_name: str, options: str, split: str, n_episodes: int, neg_pr
 
 
 def made_up_food_names(recs: list[dict], p: float, rng: random.Random) -> list[dict]:
-    """The household records with the food of each cooking episode, by chance p, renamed in prompt
-    and completion to a made-up name (envs.made_up_name), the same name in every record of the
-    episode (recipes of several foods are left alone; the games made here need one). The games are
-    not changed. An episode begins at a record with no commands played or a change of food; in the
-    policy and plain files an episode whose first step was a detour has no such record and takes the
-    previous episode's draw (renamed or not) when the food does not say otherwise."""
+    """The household records with the food of each cooking episode, by chance p, renamed in prompt and
+    completion to one or two made-up words of two or three consonant-vowel syllables (`doma zotu`),
+    the same name in every record of the episode (recipes of several foods are left alone; the games
+    made here need one). The games are not changed. An episode begins at a record with no commands
+    played or a change of food; in the policy and plain files an episode whose first step was a
+    detour has no such record and takes the previous episode's draw (renamed or not) when the food
+    does not say otherwise."""
+    word = lambda: "".join(rng.choice("bcdfghklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3)))
     swap, out = None, []
     for r in recs:
         food = re.search(r"The cookbook's recipe needs: ([^,]+?)\.\n", r["prompt"])
         if not r["state"]["commands"] or (swap and (not food or food[1] != swap[0])):  # a new episode
-            swap = (food[1], envs.made_up_name(rng)) if food and rng.random() < p else None
+            swap = (food[1], " ".join(word() for _ in range(rng.randint(1, 2)))) if food and rng.random() < p else None
         out.append(r | {k: r[k].replace(*swap) for k in ("prompt", "completion")} if swap else r)
     return out
 

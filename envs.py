@@ -771,12 +771,6 @@ def recipe(game) -> str:
     return f" The cookbook's recipe needs: {', '.join(ingredients)}." if ingredients else ""
 
 
-def made_up_name(rng: random.Random) -> str:
-    """One or two made-up words of two or three consonant-vowel syllables, such as `doma zotu`."""
-    word = lambda: "".join(rng.choice("bcdfghklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3)))
-    return " ".join(word() for _ in range(rng.randint(1, 2)))
-
-
 def household_game_kind(stage: str, index: int) -> tuple[str, int]:
     """Which generator makes game `index` of `stage`: ("simple", quest length) or ("cooking", rooms).
     Stage len1 and len2 are simple quests of one and two steps (TextWorld's quest length: now and then
@@ -905,15 +899,14 @@ class Household:
     # make_env's "key=value" settings: where generated games are cached, how many per stage
     # (cut 60/10/30 into train/val/test), how many more training games to add (val and test stay the
     # same), ALFWorld's data directory (plays its games instead), and max_steps, the horizon for the
-    # scripts that have no --horizon flag (0: keep the given horizon), explore (1: the oracle finds
-    # its way as an agent could, see searching) and made_up_food (the chance that a training cooking
-    # game shows its food under a made-up name, see reset)
+    # scripts that have no --horizon flag (0: keep the given horizon), and explore (1: the oracle finds
+    # its way as an agent could, see searching)
     options = {"games_dir": str, "n_games": int, "extra_train": int, "alfworld": str, "max_steps": int,
-               "explore": int, "made_up_food": float}
+               "explore": int}
 
     def __init__(self, stage: str = "full", horizon: int = 15, games_dir: str = "data/household/games",
                  n_games: int = 600, extra_train: int = 0, alfworld: str = "", max_steps: int = 0,
-                 explore: int = 0, made_up_food: float = 0.0):
+                 explore: int = 0):
         if stage not in self.stages:
             raise ValueError(f"unknown stage '{stage}' for {self.name}: choose from {', '.join(self.stages)}")
         horizon = max_steps or horizon
@@ -927,12 +920,9 @@ class Household:
             raise ValueError(f"ALFWorld data directory '{alfworld}' does not exist (see the README)")
         if explore not in (0, 1) or (explore and alfworld):
             raise ValueError(f"explore must be 0 or 1, and 0 with ALFWorld's games, got {explore}")
-        if not 0 <= made_up_food <= 1:
-            raise ValueError(f"made_up_food must be in [0, 1], got {made_up_food}")
-        self.stage, self.horizon, self.explore, self.made_up_food = stage, horizon, explore, made_up_food
+        self.stage, self.horizon, self.explore = stage, horizon, explore
         self.games_dir, self.n_games, self.extra_train, self.alfworld = games_dir, n_games, extra_train, alfworld
         self.actions, self.observation, self.steps, self.done = [], "", 0, True
-        self._commands_now, self._rename = [], None  # the game's own commands now; (food, made-up name)
         self.task, self._env, self._game_path, self._game_state, self._split_cache = None, None, None, None, {}
         self._inform7 = (None, None)  # (TextWorld game, its command writer), for walkthrough_after
 
@@ -979,11 +969,8 @@ class Household:
             return textworld.start(path, infos, wrappers=wrappers)
 
     def reset(self, task: str, seed: int | None = None) -> str:
-        """Start game file `task`. The games are deterministic; `seed` only draws the made-up food
-        name: with made_up_food, a training cooking game of one food shows it, by that chance, under a
-        made-up name in every observation and command (the game itself is unchanged), so that RL meets
-        foods that SFT never saw, as the test games have. On ALFWorld games the stages len1 and len2
-        start where the expert has one or two steps left to play."""
+        """Start game file `task`. The games are deterministic, so `seed` is unused. On ALFWorld
+        games the stages len1 and len2 start where the expert has one or two steps left to play."""
         if task != self._game_path:  # a new game: load it (the same game again is only reset)
             if self._env is not None:
                 self._env.close()
@@ -991,10 +978,6 @@ class Household:
         self.task, self._commands, self.steps, self.done = task, [], 0, False
         self._game_state = self._env.reset()
         self._intro = self._game_state.feedback
-        self._rename, rng = None, random.Random(seed)
-        if self.made_up_food and task.endswith("-train.z8") and rng.random() < self.made_up_food:
-            foods = [item[0] for item in self._game_state["game"].metadata.get("ingredients", [])]
-            self._rename = (foods[0], made_up_name(rng)) if len(foods) == 1 else None
         if task.endswith(".tw-pddl") and self.stage != "full":
             keep = self.stages.index(self.stage) + 1
             while len(self.walkthrough()) > keep:
@@ -1014,7 +997,7 @@ class Household:
             raise RuntimeError("the episode is over: call reset() first")
         if not 0 <= i < len(self.actions):
             raise ValueError(f"action index {i} out of range 0..{len(self.actions) - 1}")
-        command = self._commands_now[i]
+        command = self.actions[i]
         gained = self._play(command)
         self._history.append(command)
         self._feedback = self._game_state.feedback
@@ -1034,7 +1017,7 @@ class Household:
             actions = [c for c in actions if not c.startswith("examine ")]
         if len(actions) > len(LABELS):
             raise ValueError(f"{self.task}: {len(actions)} actions now, more than the {len(LABELS)} labels")
-        self._commands_now, self.actions = actions, [self._show(c) for c in actions]
+        self.actions = actions
         if self.task.endswith(".tw-pddl"):  # ALFWorld: the intro has the room and the task
             scene, _, goal = self._intro.partition("Your task is to:")
             sections = {"Goal": goal, "Here": scene.split("=-", 2)[-1], "Carrying": None}
@@ -1046,11 +1029,7 @@ class Household:
         feedback = self._feedback and clean_text(self._feedback, TEXT_LIMITS["Feedback"])
         # after a move the feedback is the new room's description, already shown under Here
         sections["Feedback"] = "(the room above)" if feedback and feedback[:40] == sections["Here"][:40] else feedback
-        self.observation = self._show("\n".join(f"{k}: {v}" for k, v in sections.items() if v is not None))
-
-    def _show(self, text: str) -> str:
-        """`text` as the agent sees it: with the made-up food name, if this episode has one."""
-        return text.replace(*self._rename) if self._rename else text
+        self.observation = "\n".join(f"{k}: {v}" for k, v in sections.items() if v is not None)
 
     @property
     def state(self) -> dict:
@@ -1062,8 +1041,7 @@ class Household:
         """The commands that win from here: TextWorld's walkthrough (policy_commands) on generated
         games, ALFWorld's expert (its PDDL planner) on ALFWorld's. While searching, the walkthrough's
         moves are left out and explore_move comes first."""
-        plan = [self._show(c) for c in self._game_state["extra.expert_plan" if self.task.endswith(".tw-pddl")
-                                                        else "policy_commands"]]
+        plan = list(self._game_state["extra.expert_plan" if self.task.endswith(".tw-pddl") else "policy_commands"])
         if not self.searching():
             return plan
         return [explore_move(self._game_state["facts"], self._history)] + [c for c in plan if not self._moving(c)]
@@ -1093,7 +1071,7 @@ class Household:
     def walkthrough_after(self, i: int) -> list[str] | None:
         """The walkthrough after action i, or None if action i loses the game. Generated games are
         simulated on a copy of TextWorld's logic state; ALFWorld games are replayed on a second copy."""
-        command = self._commands_now[i]
+        command = self.actions[i]
         if self.task.endswith(".tw-pddl"):
             sim = self._load(self.task)
             sim.reset()
@@ -1110,7 +1088,7 @@ class Household:
         progression.update(valid[inform7.gen_commands_from_actions(valid).index(command)])
         if progression.failed or progression.winning_policy is None:
             return None
-        return [self._show(c) for c in inform7.gen_commands_from_actions(progression.winning_policy)]
+        return inform7.gen_commands_from_actions(progression.winning_policy)
 
 
 ENVS = {"taxi": DangerousTaxi, "autoexplore": AutoExplore, "household": Household}
