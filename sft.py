@@ -49,7 +49,8 @@ dropout = 0.0
 # LoRA (0 = full fine-tuning; the default for scratch, where there is no base worth keeping)
 lora_r = 0
 lora_alpha = 16.0
-lora_targets = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
+lora_targets = "all"  # the matrices with adapters (model.py's docstring names them), or all
+lora_layers = 0  # adapters on the top this many blocks only (the frozen ones below need no backward); 0: all
 # optimisation
 max_iters = 0  # per role; 0 means the environment's default for the role in ROLE_ITERS
 batch_size = 32
@@ -381,7 +382,8 @@ def train(the_role):
         restore_rng(ckpt["rng"], seed, rank, world)
     else:
         init = init_from
-        lora = dict(dropout=dropout, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets)
+        lora = dict(dropout=dropout, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets,
+                    lora_layers=lora_layers)
         start = policy_init or POLICY_INIT[env]
         if init == "scratch" and start == "reflection" and the_role != "reflection":
             source = os.path.join(out_dir, f"sft_reflection{suffix}")
@@ -398,8 +400,8 @@ def train(the_role):
             if copy_warmup:
                 warm_up_copy(model.to(dev), copy_warmup)
         else:
-            tok = get_tokenizer(init)
             model = GPT.from_pretrained(init, **lora)
+            tok = get_tokenizer(init)
     if world > 1 and init_from != "resume":
         torch.manual_seed(seed + rank)  # then a stream of its own
     label_token_ids(tok, LABELS)  # start-up check: every action label is one token
