@@ -883,7 +883,7 @@ def room_exits(facts) -> dict[str, str | None]:
 def explore_move(facts, history: list[str]) -> str:
     """The wall follower's move, from what the observation shows: the first exit of the room in
     wall_order, its door opened first if it is closed. It finds every room of TextWorld's small
-    maps without a map (README, Household)."""
+    maps without a map (docs/household.md)."""
     exits = room_exits(facts)
     closed = {f.arguments[0].name for f in facts if f.name == "closed"}
     d = next(d for d in wall_order(history)[1] if d in exits)
