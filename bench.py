@@ -1,8 +1,13 @@
 """
-Speed of model.py against transformers' GPT2LMHeadModel with identical weights, in one run:
-forward tokens/s (no grad) and KV-cache sampling tokens/s (ours vs `generate`).
+Speed of model.py against transformers with identical weights (GPT2LMHeadModel for GPT-2, LlamaForCausalLM
+for the Llama family), in one run: forward tokens/s (no grad) and KV-cache sampling tokens/s (ours vs
+`generate`); action scoring decisions/s, our one-pass `score_actions` against one forward pass per
+action (the GLAM/TWOSOME way); and a ceiling: the torch.matmul FLOP/s of the model's largest
+projection, (batch_size * seq_len, n_embd) x (n_embd, hidden), hidden being GPT-2's mlp.c_fc width
+(4 * n_embd) or Llama's mlp.gate_proj/up_proj width (n_inner). The LM head's vocabulary matrix is
+larger but is not what scoring runs; the forward benchmark's FLOPs do count it (see `flops`).
 
-    python bench.py                      # the default scratch config and GPT-2 124M, on CPU
+    python bench.py                      # scratch, GPT-2 124M and SmolLM2-135M's shape, on CPU
     python bench.py --configs=xl --device=cuda --dtype=bfloat16
 """
 import sys
@@ -13,19 +18,23 @@ import torch
 from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------- config
-configs = "scratch,124m"  # comma list from CONFIGS below
+configs = "scratch,124m,smollm2-135m"  # comma list from CONFIGS below
 device = "cpu"
 dtype = "float32"  # float32 | bfloat16 | float16
 batch_size = 8
-seq_len = 256  # forward benchmark length
+seq_len = 256  # forward, scoring and matmul benchmark length
 prompt_len = 64  # sampling benchmark: prompt length and new tokens
 new_tokens = 64
+n_actions = 6  # scoring benchmark: actions per decision (taxi's 6)
+action_tokens = 4  # tokens of each action's text in the one-forward-per-action way
 reps = 3  # timed repetitions (best is reported), after one warm-up
 
-CONFIGS = {
+CONFIGS = {  # random weights of each shape
     "scratch": GPTConfig(),  # model.py's default scratch model
     "124m": GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768),
     "xl": GPTConfig(block_size=1024, vocab_size=50257, n_layer=48, n_head=25, n_embd=1600),
+    "smollm2-135m": GPTConfig(family="llama", block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_embd=576,
+                              n_kv_head=3, n_inner=1536, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True),
 }
 for arg in sys.argv[1:]:
     if arg in ("-h", "--help"):
@@ -34,7 +43,8 @@ for arg in sys.argv[1:]:
         sys.exit(0)
     key, _, val = arg.removeprefix("--").partition("=")
     if key not in globals() or key.startswith("_") or key in ("CONFIGS", "sys", "time", "torch", "GPT", "GPTConfig"):
-        sys.exit(f"error: unknown option {arg} (known: configs, device, dtype, batch_size, seq_len, prompt_len, new_tokens, reps)")
+        sys.exit(f"error: unknown option {arg} (known: configs, device, dtype, batch_size, seq_len, prompt_len, "
+                 "new_tokens, n_actions, action_tokens, reps)")
     globals()[key] = type(globals()[key])(val)
 
 
@@ -53,30 +63,61 @@ def best_time(fn):
 
 
 def twins(cfg):
-    """Our GPT and a transformers GPT-2 with the same weights."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                                    n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=0, eos_token_id=0))
+    """Our GPT and a transformers model of the same family with the same weights: a key-for-key copy,
+    GPT-2's Conv1D matrices transposed; a transformers weight that we lack is a KeyError."""
+    import transformers
+    if cfg.family == "gpt2":
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+            n_head=cfg.n_head, bos_token_id=0, eos_token_id=0))
+    else:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.n_inner, num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head or cfg.n_head,
+            max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+            tie_word_embeddings=cfg.tie_embeddings, bos_token_id=0, eos_token_id=0))
     ours = GPT(cfg)
     sd = ours.state_dict()
     with torch.no_grad():
         for k, v in hf.state_dict().items():
-            if k in sd:
-                v.copy_(sd[k].t() if k.endswith(GPT.TRANSPOSED) else sd[k])
+            v.copy_(sd[k].t() if cfg.family == "gpt2" and k.endswith(GPT.TRANSPOSED) else sd[k])
     dt = getattr(torch, dtype)
     return ours.to(device, dt).eval(), hf.to(device, dt).eval()
 
 
+def flops(model):
+    """Forward FLOPs per token at seq_len, with the full vocabulary's logits: 2 per weight of the blocks
+    (a multiply and an add), plus attention's q k^T and att v, 2 * seq_len * n_embd each per layer
+    (counted over the whole length, PaLM's estimate, though causal attention needs half), plus the LM
+    head, 2 * n_embd * vocab. Embedding look-ups, norms and the softmax are left out."""
+    c = model.config
+    body = sum(p.numel() for n, p in model.named_parameters() if ".h." in n or ".layers." in n)
+    return 2 * body + 2 * 2 * c.n_layer * seq_len * c.n_embd + 2 * c.n_embd * c.vocab_size
+
+
+def per_action(model, prompts, actions):
+    """The GLAM/TWOSOME way: one forward pass over prompt + action text for each action (B, k tokens),
+    the sum of the action tokens' log-probs, normalised over the actions. -> (B, A) log-probs."""
+    T = prompts.shape[1]
+    sums = [model(torch.cat([prompts, a], 1))[:, T - 1:-1].log_softmax(-1).gather(-1, a[..., None]).sum((1, 2))
+            for a in actions]  # each (B,)
+    return torch.stack(sums, 1).float().log_softmax(-1)
+
+
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, device {device}, dtype {dtype}, threads {torch.get_num_threads()}")
+    print(f"\nForward: batch {batch_size} x {seq_len} tokens. Sampling: batch {batch_size}, {min(prompt_len, seq_len)}-token "
+          f"prompt, {new_tokens} new tokens, KV cache.\n")
     print("| config | params | forward ours tok/s | forward HF tok/s | ratio | sample ours tok/s | HF generate tok/s | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = []  # the second table's, printed after the first
     for name in configs.split(","):
         if name not in CONFIGS:
             sys.exit(f"error: unknown config {name!r} (known: {', '.join(CONFIGS)})")
         torch.manual_seed(0)
         ours, hf = twins(CONFIGS[name])
-        x = torch.randint(0, ours.config.vocab_size, (batch_size, seq_len), device=device)
+        c, dt = ours.config, getattr(torch, dtype)
+        x = torch.randint(0, c.vocab_size, (batch_size, seq_len), device=device)
         with torch.no_grad():
             f_ours = batch_size * seq_len / best_time(lambda: ours(x))
             f_hf = batch_size * seq_len / best_time(lambda: hf(x).logits)
@@ -89,3 +130,29 @@ if __name__ == "__main__":
         n = sum(q.numel() for q in ours.parameters()) / 1e6
         print(f"| {name} | {n:.1f}M | {f_ours:,.0f} | {f_hf:,.0f} | {f_ours / f_hf:.2f} "
               f"| {s_ours:,.0f} | {s_hf:,.0f} | {s_ours / s_hf:.2f} |", flush=True)
+
+        # action scoring: every prompt is seq_len real tokens, every action admissible
+        labels = torch.randint(0, c.vocab_size, (batch_size, n_actions), device=device)  # (B, A) label tokens
+        texts = torch.randint(0, c.vocab_size, (n_actions, batch_size, action_tokens), device=device)  # (A, B, k)
+        lengths = torch.full((batch_size,), seq_len, device=device)
+        admissible = torch.ones(batch_size, n_actions, dtype=torch.bool, device=device)
+        with torch.no_grad():
+            d_one = batch_size / best_time(lambda: ours.score_actions(x, lengths, labels, admissible))
+            d_each = batch_size / best_time(lambda: per_action(ours, x, texts))
+
+        # the ceiling: the largest projection as one matmul, turned into tokens/s by flops()
+        hidden = 4 * c.n_embd if c.family == "gpt2" else c.n_inner
+        a = torch.randn(batch_size * seq_len, c.n_embd, device=device, dtype=dt)
+        w = torch.randn(c.n_embd, hidden, device=device, dtype=dt)
+        gflops = 2 * a.shape[0] * c.n_embd * hidden / best_time(lambda: a @ w) / 1e9
+        ceiling = gflops * 1e9 / flops(ours)
+        rows.append(f"| {name} | {a.shape[0]}x{c.n_embd} @ {c.n_embd}x{hidden} | {gflops:,.1f} | {ceiling:,.0f} "
+                    f"| {f_ours / ceiling:.2f} | {d_one:,.1f} | {d_each:,.1f} | {d_one / d_each:.1f} |")
+        del ours, hf
+
+    print(f"\nCeiling: torch.matmul of the largest projection; forward FLOPs per token as in `flops`. Scoring: batch "
+          f"{batch_size} of {seq_len}-token prompts, {n_actions} actions, {action_tokens} tokens each per action.\n")
+    print("| config | matmul | matmul GFLOP/s | ceiling tok/s | forward ours of ceiling "
+          "| one-pass decisions/s | per-action decisions/s | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from envs import ENVS, LABELS, MENU_HEAD, analyze_prompt, make_env, parse_menu, policy_prompt
-from model import EOS, label_token_ids, load_checkpoint, pick_device
+from model import EOS, SMOLLM2, GPT, label_token_ids, load_checkpoint, pick_device, pretrained_tokenizer
 
 # ----------------------------------------------------------------------------- config
 env = "taxi"  # environment to evaluate on (see envs.ENVS)
@@ -42,6 +42,8 @@ stages = ""  # "" means every curriculum stage of the env, else a comma list
 methods = ""  # comma list of name=policy_dir[+reflection_dir]; "" means the standard comparison
 batch_size = 64  # episodes run side by side: one generate and one score_actions call per step
 greedy = False  # False: sample the action from the policy, as PPO trains it; True: argmax
+untuned = ""  # a pretrained model (smollm2-135m, gpt2, a directory) to add untuned, as the paper's
+              # "untuned model" row: no fine-tuning, the menu under an instruction, the label's log-prob
 reflection_temperature = 0.7
 reflection_max_tokens = 96
 seed = 0  # seeds torch, random, numpy and the sampling generator
@@ -116,7 +118,7 @@ def method_specs():
         if not (eq and name.strip() and (pol or refl)):
             raise SystemExit(f"error: --methods wants name=policy_dir[+reflection_dir] or name=+reflection_dir, got {item!r}")
         specs.append((name.strip(), pol, refl or None))
-    names = [n for n, _, _ in specs] + ["Random", "Scripted", "Oracle"]
+    names = [n for n, _, _ in specs] + ["Random", "Scripted", "Oracle", "Untuned"]
     if len(set(names)) < len(names):
         raise SystemExit(f"error: --methods names a method twice (Random, Scripted and Oracle are taken): {methods!r}")
     return specs
@@ -141,6 +143,24 @@ def load_agent(name, policy_dir, reflection_dir, cache):
     policy, tok = load(policy_dir)
     labels = torch.tensor(label_token_ids(tok, LABELS), device=dev)  # start-up check: labels are one token
     return {"name": name, "kind": "model", "policy": (policy, tok, labels), "reflection": reflection}
+
+
+INSTRUCTION = ("You are an agent in a text environment. Read the observation and the numbered actions, "
+               "then answer with the label of the best action, and nothing else.")
+
+
+def load_untuned(name):
+    """The paper's untuned baseline: a pretrained model as it is, reading the no-reflection prompt under
+    an instruction (in the chat format of an instruction-tuned SmolLM2), scored by its label log-probs."""
+    model = GPT.from_pretrained(name).to(dev).eval()
+    tok = pretrained_tokenizer(name)
+    if name == SMOLLM2:  # ChatML, as SmolLM2-Instruct was tuned on; the answer starts the assistant turn
+        wrap = lambda text: (f"<|im_start|>system\n{INSTRUCTION}<|im_end|>\n<|im_start|>user\n"  # noqa: E731
+                             f"{text.removesuffix(' # Action:' + chr(10)).rstrip()}<|im_end|>\n<|im_start|>assistant\n")
+    else:
+        wrap = lambda text: f"{INSTRUCTION}\n\n{text}"  # noqa: E731
+    labels = torch.tensor(label_token_ids(tok, LABELS), device=dev)
+    return {"name": "Untuned", "kind": "model", "policy": (model, tok, labels), "reflection": None, "wrap": wrap}
 
 
 def reflect(reflection, texts, g):
@@ -172,7 +192,8 @@ def act(agent, batch, g):
         return [e.actions.index(n) if n in e.actions else int(torch.randint(len(e.actions), (), generator=g, device=g.device))
                 for e, n in zip(batch, named)], reflections
     model, tok, labels = agent["policy"]
-    prompts = [tok.encode(policy_prompt(e.observation, e.actions, r, LABELS), add_special_tokens=False).ids
+    wrap = agent.get("wrap", lambda text: text)
+    prompts = [tok.encode(wrap(policy_prompt(e.observation, e.actions, r, LABELS)), add_special_tokens=False).ids
                [-model.config.block_size:] for e, r in zip(batch, reflections)]  # left-truncate: keep the question
     B, T, A = len(batch), max(len(p) for p in prompts), max(len(e.actions) for e in batch)
     idx = torch.zeros(B, T, dtype=torch.long)  # right padding: causal attention never lets it reach a real token
@@ -438,7 +459,7 @@ if __name__ == "__main__":
             raise SystemExit(f"error: {e}")
         sys.exit(0)
     try:
-        agents = [load_agent(*spec, cache) for spec in specs]
+        agents = [load_agent(*spec, cache) for spec in specs] + ([load_untuned(untuned)] if untuned else [])
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     agents = [{"name": "Random", "kind": "random"}] + agents + [{"name": "Oracle", "kind": "oracle"}]
