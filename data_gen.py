@@ -8,7 +8,9 @@ teacher reads on down the list until the target is next.) The wrong action is ne
 target: at the state where it was taken only the reflection record (the correct analysis) is
 written, and the recovery step that follows is a policy target marked negative=true. The teacher
 is a privileged template writer (it reads the true state), so generation needs no network and is
-deterministic by seed.
+deterministic by seed. With --teacher=llm a chat-completions endpoint writes every reflection
+instead, as GPT-4 did in the paper, given what the template teacher knows (llm_teach); the
+episodes, and so the states and targets, stay those of the template teacher.
 
 Files written to out_dir, for split in train and val:
     reflection_{split}.jsonl   analyze prompt -> reflection
@@ -16,6 +18,7 @@ Files written to out_dir, for split in train and val:
     plain_{split}.jsonl        prompt without a reflection -> action label (baselines)
     *_pos_{split}.jsonl        the same three from separate runs without negative examples (ablation)
     meta.json                  the config, record counts, and the time it took
+    llm_cache/                 with --teacher=llm: every answer of the endpoint, by a hash of its request
 Each record: {"prompt", "completion", "stage", "negative", "state"}; "state" is the environment's
 state (taxi: the state number; household: the game file and the commands played, so a test can
 check every target against the oracle; autoexplore: the current folder).
@@ -25,13 +28,19 @@ check every target against the oracle; autoexplore: the current folder).
     python data_gen.py --env=household      # generates the household games first (once, see README)
     python data_gen.py --env=household --made_up_food=0.5
     python data_gen.py --env=autoexplore --env_options=repos=/src/a:/src/b
+    OPENAI_API_KEY=... python data_gen.py --teacher=llm --llm_model=gpt-4o     # pip install -r requirements-llm.txt
+    python data_gen.py --teacher=llm --llm_base_url=http://localhost:11434/v1 --llm_model=llama3.1:8b  # a local server
 """
+import hashlib
 import json
 import os
 import random
 import re
 import sys
+import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
 
@@ -51,6 +60,14 @@ shuffle_labels = False  # permute the action labels at every step, against posit
 made_up_food = 0.0  # household: the chance that a cooking episode's food takes a made-up name in all its
                     # records, so that the models learn to copy names they have never seen (README)
 seed = 0  # drives every random choice: the same seed writes byte-identical files
+teacher = "template"  # who writes the reflections: "template" (offline) or "llm" (an OpenAI-compatible endpoint)
+llm_model = ""  # with --teacher=llm: the endpoint's model name (gpt-4o, llama3.1:8b, ...), required
+llm_base_url = ""  # "" means $OPENAI_BASE_URL, else OpenAI's; the key is only ever read from $OPENAI_API_KEY
+llm_cache = ""  # folder of cached answers, one file per request; "" means {out_dir}/llm_cache
+llm_workers = 4  # requests in flight at once
+llm_timeout = 60.0  # seconds to wait for one answer
+llm_retries = 5  # tries again after a 429, a 5xx, a timeout or a malformed answer before it stops
+llm_backoff = 1.0  # seconds before the first of those tries, doubled for each next one
 # ----------------------------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_")
                and isinstance(v, (bool, int, float, str))]
@@ -266,15 +283,22 @@ TEACHERS = {"taxi": (taxi_reflection, taxi_detours, None),
             "household": (household_reflection, household_detours, None)}
 
 
-def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, shuffle: bool) -> dict:
-    """One episode led by the oracle with occasional detours; returns its records of each kind."""
+def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, shuffle: bool,
+                    asks: list | None = None) -> dict:
+    """One episode led by the oracle with occasional detours; returns its records of each kind. With
+    `asks` (the LLM teacher), each reflection is a placeholder "\0<i>\0" for the endpoint's answer to
+    asks[i]: the request, the Next: step it must name, and the template's reflection (the fallback)."""
     reflect, detours, follow = TEACHERS[env.name]
     records = {"reflection": [], "policy": [], "plain": []}
     obs = env.reset(task, seed)
-    detour, done = None, False  # detour: the wrong move taken at the previous step, if any
+    detour, mistake, done = None, None, False  # detour: the wrong move taken at the previous step, if any
     while not done:
         best = env.oracle()
-        reflection = reflect(env, best, rng, detour)
+        reflection = reflect(env, best, rng, detour)  # drawn with the LLM teacher too: same rng, same episodes
+        if asks is not None:
+            want = reflection.rpartition("Next:")[2].strip()  # "move south." of "... Next: move south."
+            asks.append((llm_request(obs, env.actions, best, want, mistake), want, reflection))
+            reflection = f"\0{len(asks) - 1}\0"
         tags = {"stage": env.stage, "negative": detour is not None, "state": env.state}
         records["reflection"].append({"prompt": envs.analyze_prompt(obs), "completion": reflection, **tags})
         # the step after the last detour is the recovery, the negative example
@@ -290,13 +314,16 @@ def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, s
                 prompt = envs.policy_prompt(obs, env.actions, text, labels)
                 records[kind].append({"prompt": prompt, "completion": label, **tags})
         detour_text = None if wrong is None else env.actions[wrong]
-        _, done, info = env.step(best if wrong is None else wrong)
+        before = (obs, env.actions[best])  # where a detour is taken, and what was best there
+        reward, done, info = env.step(best if wrong is None else wrong)
         obs, detour = env.observation, detour_text
+        mistake = None if detour is None else (detour, *before, reward)  # what the LLM teacher is told of it
     assert info["success"], f"teacher episode from task {task} failed: {info}"
     return records
 
 
-def teacher_run(env_name: str, options: str, split: str, n_episodes: int, neg_prob: float, rng, shuffle: bool, bar) -> dict:
+def teacher_run(env_name: str, options: str, split: str, n_episodes: int, neg_prob: float, rng, shuffle: bool, bar,
+                asks: list | None = None) -> dict:
     """n_episodes per curriculum stage, from the split's start tasks taken in turn."""
     records = {"reflection": [], "policy": [], "plain": []}
     for stage in envs.ENVS[env_name].stages:
@@ -307,7 +334,7 @@ def teacher_run(env_name: str, options: str, split: str, n_episodes: int, neg_pr
             bar.update(n_episodes)
             continue
         for i in range(n_episodes):
-            for kind, recs in teacher_episode(env, tasks[i % len(tasks)], i, rng, neg_prob, shuffle).items():
+            for kind, recs in teacher_episode(env, tasks[i % len(tasks)], i, rng, neg_prob, shuffle, asks).items():
                 records[kind] += recs
             bar.update(1)
     return records
@@ -331,6 +358,138 @@ def made_up_food_names(recs: list[dict], p: float, rng: random.Random) -> list[d
     return out
 
 
+# The LLM teacher (--teacher=llm). The episodes are played first, with placeholders for the
+# reflections, so that the requests can then go out a few at a time; a request that several records
+# share is asked once. An answer must end with the template's own Next: line (the policy's data and
+# eval.py --check read it); one that names another step is asked again with the correction, then
+# left for the template's reflection.
+LLM_SYSTEM = ("You coach an agent that plays a text game: at each step it reads an observation and takes one "
+              "of the admissible actions. You are told the best action. Write the agent's analysis of the "
+              "situation, reasoned from the observation as if you had found the best action yourself: what "
+              "matters, and after a mistake, what went wrong, what it cost and how to recover. At most four "
+              "short sentences of plain text, then the last line exactly as given.")
+
+
+class TeacherError(Exception):
+    """The endpoint cannot write the reflections (unreachable, key refused, failing): the run stops."""
+
+
+def llm_request(obs: str, actions: list[str], best: int, want: str, mistake: tuple | None) -> list[dict]:
+    """The chat messages asking for one reflection, with what the paper gave GPT-4: the observation,
+    the admissible actions, the best one, and after a detour the mistaken action, where it was taken,
+    what was best there and its reward. The last line asked for is the template's, "Next: {want}"."""
+    user = []
+    if mistake:
+        detour, before, best_then, reward = mistake
+        user.append(f"Previous observation:\n{before}\n\nThere the agent made a mistake: it took '{detour}' "
+                    f"instead of '{best_then}', got reward {reward:g}, and came to the observation below.")
+    user += [f"Observation:\n{obs}", "Admissible actions:\n" + "\n".join(actions), f"Best action: {actions[best]}",
+             f"Last line: Next: {want}"]
+    return [{"role": "system", "content": LLM_SYSTEM}, {"role": "user", "content": "\n\n".join(user)}]
+
+
+def llm_accept(answer: str, want: str) -> str | None:
+    """The answer on one line, ending in "Next: {want}" written as the template writes it, or None
+    when its last Next: names another step (case, a full stop, quotes and Markdown stars aside)."""
+    body, sep, said = " ".join(answer.split()).rpartition("Next:")
+    bare = lambda text: text.strip(" .*`'\"").lower()
+    return f"{body.rstrip(' *')} Next: {want}".lstrip() if sep and bare(said) == bare(want) else None
+
+
+def llm_client(base_url: str, timeout: float):
+    """An OpenAI client; the package is imported here, so that only this teacher needs it."""
+    try:
+        import openai
+    except ImportError:
+        raise TeacherError("--teacher=llm needs the openai package: "
+                           "pip install -r requirements-llm.txt -c constraints.txt") from None
+    # local servers take any key, the package wants one; retries are done in llm_teach
+    return openai.OpenAI(api_key=os.environ.get("OPENAI_API_KEY") or "none", base_url=base_url or None,
+                         timeout=timeout, max_retries=0)
+
+
+def llm_teach(client, asks: list, model: str, cache: str, workers: int, retries: int, backoff: float):
+    """The reflection for each of asks (request, Next: step, template), and the counts: records whose
+    reflection the endpoint wrote at once ("accepted"), after a correction ("corrected"), or the
+    template ("template"); and "requests" sent and answers read from the cache ("cached")."""
+    import openai
+    key, url = os.environ.get("OPENAI_API_KEY"), str(client.base_url)
+    os.makedirs(cache, exist_ok=True)
+    counts = Counter(dict.fromkeys(("accepted", "corrected", "template", "requests", "cached"), 0))
+    lock = threading.Lock()
+
+    def count(what: str):
+        with lock:  # the workers count too
+            counts[what] += 1
+
+    def ask(messages: list[dict]) -> str:
+        """The endpoint's answer from the cache, or from the endpoint and then cached."""
+        request = {"model": model, "messages": messages}
+        path = os.path.join(cache, hashlib.sha256(json.dumps([url, request]).encode()).hexdigest() + ".json")
+        if os.path.exists(path):
+            count("cached")
+            with open(path) as f:
+                return json.load(f)["answer"]
+        for attempt in range(retries + 1):
+            if attempt:
+                time.sleep(backoff * 2 ** (attempt - 1))  # exponential back-off
+            count("requests")
+            try:
+                # no text (a refusal, a filter) is an answer too: its Next: is wrong, so the template's stays
+                answer = str(client.chat.completions.create(**request).choices[0].message.content or "")
+                break
+            except openai.APITimeoutError:
+                problem = f"no answer within {client.timeout:g} s (--llm_timeout)"
+            except openai.APIConnectionError:  # refused, or no such host
+                raise TeacherError(f"cannot reach {url} (--llm_base_url or $OPENAI_BASE_URL): is the server up?") from None
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+                raise TeacherError(f"{url} refused the API key (HTTP {e.status_code}): "
+                                   f"{'check' if key else 'set'} $OPENAI_API_KEY") from None
+            except (openai.RateLimitError, openai.InternalServerError) as e:
+                problem = f"HTTP {e.status_code}"
+            except openai.APIStatusError as e:  # a 400 or a 404 (no such model): asking again will not help
+                said = (e.message.replace(key, "***") if key else e.message).splitlines()[0][:200]
+                raise TeacherError(f"{url} answered HTTP {e.status_code} for model '{model}': {said}") from None
+            except (ValueError, AttributeError, IndexError, TypeError):  # not JSON, or not a chat completion
+                problem = "a malformed answer"
+        else:
+            raise TeacherError(f"{url} failed {retries + 1} times in a row, last with {problem}")
+        write_atomic(path, json.dumps({"answer": answer}) + "\n")
+        return answer
+
+    def write(messages: list[dict], want: str) -> tuple[str | None, str]:
+        """A checked reflection (None: the template's) and how it came."""
+        answer = ask(messages)
+        if (text := llm_accept(answer, want)) is not None:
+            return text, "accepted"
+        fix = f"Your last line must be exactly: Next: {want} Please write the analysis again."
+        text = llm_accept(ask(messages + [{"role": "assistant", "content": answer}, {"role": "user", "content": fix}]),
+                          want)
+        return text, "template" if text is None else "corrected"
+
+    shared = {}  # request -> the records that ask it
+    for i, (messages, _, _) in enumerate(asks):
+        shared.setdefault(json.dumps(messages), []).append(i)
+    texts = [template for _, _, template in asks]
+    pool = ThreadPoolExecutor(workers)
+    jobs = {pool.submit(write, *asks[ids[0]][:2]): ids for ids in shared.values()}
+    try:
+        with tqdm(total=len(jobs), desc="llm reflections") as bar:
+            for job in as_completed(jobs):
+                text, how = job.result()  # a TeacherError stops here; the cache keeps what came
+                for i in jobs[job]:
+                    texts[i] = text or texts[i]
+                    count(how)
+                bar.update(1)
+                bar.set_postfix(cached=counts["cached"], refresh=False)
+    finally:
+        pool.shutdown(cancel_futures=True)
+    print(f"llm teacher, {model} at {url}: of {len(asks)} reflections {counts['accepted']} written at once, "
+          f"{counts['corrected']} after a correction, {counts['template']} the template's (Next: named another "
+          f"step); {counts['requests']} requests, {counts['cached']} answers from the cache")
+    return texts, counts
+
+
 def write_atomic(path: str, text: str):
     """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
     tmp = f"{path}.{os.getpid()}.tmp"  # same directory, so the rename stays on one file system
@@ -344,9 +503,10 @@ def write_atomic(path: str, text: str):
 
 
 def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_prob: float, seed: int,
-             shuffle_labels: bool = False, env_options: str = "", made_up_food: float = 0.0) -> dict:
+             shuffle_labels: bool = False, env_options: str = "", made_up_food: float = 0.0,
+             teacher: str = "template", llm: dict | None = None) -> dict:
     """Write every data file to out_dir and return the metadata (also saved as meta.json).
-    episodes=0 and neg_prob=-1 take the environment's defaults."""
+    episodes=0 and neg_prob=-1 take the environment's defaults; `llm` overrides the llm_* defaults."""
     envs.make_env(env_name, options=env_options)  # fails early, with the list of names, on an unknown environment
     if env_name not in TEACHERS:
         raise ValueError(f"data_gen.py has no teacher for '{env_name}' yet")
@@ -360,6 +520,13 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
         raise ValueError(f"made_up_food must be in [0, 1], got {made_up_food}")
     if made_up_food and env_name != "household":
         raise ValueError("made_up_food renames the food of household cooking games only")
+    if teacher not in ("template", "llm"):
+        raise ValueError(f"teacher must be template or llm, got '{teacher}'")
+    llm = {k: globals()[k] for k in config_keys if k.startswith("llm_")} | (llm or {})
+    if teacher == "llm" and not llm["llm_model"]:
+        raise ValueError("--teacher=llm needs --llm_model=NAME, the endpoint's model (gpt-4o, llama3.1:8b, ...)")
+    client = llm_client(llm["llm_base_url"], llm["llm_timeout"]) if teacher == "llm" else None
+    asks = [] if client else None  # the LLM teacher's requests, filled in by teacher_episode
     for stage in envs.ENVS[env_name].stages:  # what the tasks need (household games) is made before the bar starts
         envs.make_env(env_name, stage, options=env_options).tasks("train")
     t0 = time.time()
@@ -371,9 +538,16 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
                 # one random stream per file group, named by string, so that changing one group's
                 # settings never changes another group's data
                 rng = random.Random(f"{seed}/{split}{suffix}")
-                records = teacher_run(env_name, env_options, split, n_episodes, p, rng, shuffle_labels, bar)
+                records = teacher_run(env_name, env_options, split, n_episodes, p, rng, shuffle_labels, bar, asks)
                 for kind, recs in records.items():
                     files[f"{kind}{suffix}_{split}.jsonl"] = recs
+    if client:  # the endpoint's reflections in place of the placeholders
+        cache = llm["llm_cache"] or os.path.join(out_dir, "llm_cache")
+        texts, llm_counts = llm_teach(client, asks, llm["llm_model"], cache, llm["llm_workers"], llm["llm_retries"],
+                                      llm["llm_backoff"])
+        fill = lambda text: re.sub("\0([0-9]+)\0", lambda m: texts[int(m[1])], text)
+        files = {name: [r | {k: fill(r[k]) for k in ("prompt", "completion")} for r in recs]
+                 for name, recs in files.items()}
     if made_up_food:  # a stream per file, named by it (the seed already decides the episodes)
         files = {name: made_up_food_names(recs, made_up_food, random.Random(name)) for name, recs in files.items()}
     # everything is generated before anything is written, so a failure leaves old files whole
@@ -384,13 +558,16 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
     meta = {
         "config": {"env": env_name, "out_dir": out_dir, "episodes": episodes, "val_episodes": val_episodes,
                    "neg_prob": neg_prob, "shuffle_labels": shuffle_labels, "seed": seed,
-                   "env_options": env_options, "made_up_food": made_up_food},
+                   "env_options": env_options, "made_up_food": made_up_food, "teacher": teacher,
+                   **(llm if client else {})},
         "stages": list(envs.ENVS[env_name].stages),
         "horizon": envs.make_env(env_name, options=env_options).horizon,
         "counts": {name: len(recs) for name, recs in files.items()},
         "negative_counts": {name: sum(r["negative"] for r in recs) for name, recs in files.items()},
         "seconds": round(time.time() - t0, 2),
     }
+    if client:
+        meta["llm"] = {"endpoint": str(client.base_url), **llm_counts}
     write_atomic(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -426,7 +603,7 @@ if __name__ == "__main__":
         cfg = parse_overrides(sys.argv[1:], {k: globals()[k] for k in config_keys})
         generate(cfg["env"], cfg["out_dir"] or os.path.join("data", cfg["env"]), cfg["episodes"],
                  cfg["val_episodes"], cfg["neg_prob"], cfg["seed"], cfg["shuffle_labels"], cfg["env_options"],
-                 cfg["made_up_food"])
-    except ValueError as e:
+                 cfg["made_up_food"], cfg["teacher"], {k: v for k, v in cfg.items() if k.startswith("llm_")})
+    except (ValueError, TeacherError) as e:
         print(f"data_gen.py: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, ValueError) else 1)
