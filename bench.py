@@ -144,7 +144,8 @@ if __name__ == "__main__":
         hidden = 4 * c.n_embd if c.family == "gpt2" else c.n_inner
         a = torch.randn(batch_size * seq_len, c.n_embd, device=device, dtype=dt)
         w = torch.randn(c.n_embd, hidden, device=device, dtype=dt)
-        gflops = 2 * a.shape[0] * c.n_embd * hidden / best_time(lambda: a @ w) / 1e9
+        # ten products per timing: one takes a few ms here, too short to time alone
+        gflops = 10 * 2 * a.shape[0] * c.n_embd * hidden / best_time(lambda: [a @ w for _ in range(10)]) / 1e9
         ceiling = gflops * 1e9 / flops(ours)
         rows.append(f"| {name} | {a.shape[0]}x{c.n_embd} @ {c.n_embd}x{hidden} | {gflops:,.1f} | {ceiling:,.0f} "
                     f"| {f_ours / ceiling:.2f} | {d_one:,.1f} | {d_each:,.1f} | {d_one / d_each:.1f} |")
