@@ -63,26 +63,10 @@ def best_time(fn):
 
 
 def twins(cfg):
-    """Our GPT and a transformers model of the same family with the same weights: a key-for-key copy,
-    GPT-2's Conv1D matrices transposed; a transformers weight that we lack is a KeyError."""
-    import transformers
-    if cfg.family == "gpt2":
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-            n_head=cfg.n_head, bos_token_id=0, eos_token_id=0))
-    else:
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.n_inner, num_hidden_layers=cfg.n_layer,
-            num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head or cfg.n_head,
-            max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-            tie_word_embeddings=cfg.tie_embeddings, bos_token_id=0, eos_token_id=0))
+    """Our GPT and a transformers model of the same family with the same weights (GPT.to_hf)."""
     ours = GPT(cfg)
-    sd = ours.state_dict()
-    with torch.no_grad():
-        for k, v in hf.state_dict().items():
-            v.copy_(sd[k].t() if cfg.family == "gpt2" and k.endswith(GPT.TRANSPOSED) else sd[k])
     dt = getattr(torch, dtype)
-    return ours.to(device, dt).eval(), hf.to(device, dt).eval()
+    return ours.to(device, dt).eval(), ours.to_hf().to(device, dt).eval()
 
 
 def flops(model):

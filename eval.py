@@ -120,7 +120,7 @@ def method_specs():
         specs.append((name.strip(), pol, refl or None))
     names = [n for n, _, _ in specs] + ["Random", "Scripted", "Oracle", "Untuned"]
     if len(set(names)) < len(names):
-        raise SystemExit(f"error: --methods names a method twice (Random, Scripted and Oracle are taken): {methods!r}")
+        raise SystemExit(f"error: --methods names a method twice (Random, Scripted, Oracle and Untuned are taken): {methods!r}")
     return specs
 
 

@@ -16,7 +16,7 @@ GPT-2 and the Llama family written out by hand, for Reflect-RL.
   admissible action's label token from ONE forward pass, plus the value head on the same state.
 - `generate` samples a batch of left-padded prompts with a KV cache.
 - Tokenizers are `tokenizers.Tokenizer` objects: a byte-level BPE trained on our own corpus for
-  `scratch`, or GPT-2's own for pretrained models.
+  `scratch`, or the pretrained model's own (SmolLM2's as transformers builds it from the GGUF).
 """
 import importlib.util
 import math
@@ -405,30 +405,34 @@ class GPT(nn.Module):
                 ours[k].copy_(sd[k])
         return model
 
-    def export_hf(self, out_dir, tokenizer):
-        """Write the model with LoRA merged, and its tokenizer, as a transformers directory."""
+    def to_hf(self, eos_id=0):
+        """A transformers model of this family with this model's weights, LoRA merged (no value head)."""
         import transformers
-        c, eos = self.config, tokenizer.token_to_id(EOS)
+        c = self.config
         if c.family == "gpt2":
             hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
                 vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                n_head=c.n_head, bos_token_id=eos, eos_token_id=eos))
+                n_head=c.n_head, bos_token_id=eos_id, eos_token_id=eos_id))
         else:
             hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
                 vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.n_inner, num_hidden_layers=c.n_layer,
                 num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head or c.n_head, max_position_embeddings=c.block_size,
                 rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
-                bos_token_id=eos, eos_token_id=eos))
+                bos_token_id=eos_id, eos_token_id=eos_id))
         merged = {n + ".weight": m.weight + (m.delta() if m.r > 0 and not m.merged else 0)
                   for n, m in self.named_modules() if isinstance(m, LoRALinear)}
         sd = {k: merged.get(k, v) for k, v in self.state_dict().items()
               if "lora_" not in k and not k.startswith("value_head")}
-        with torch.no_grad():
+        with torch.no_grad():  # a transformers weight that we lack is a KeyError
             for k, v in hf.state_dict().items():
-                if k in sd:
-                    v.copy_(sd[k].t() if c.family == "gpt2" and k.endswith(self.TRANSPOSED) else sd[k])
-        hf.save_pretrained(out_dir)
-        transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS).save_pretrained(out_dir)
+                v.copy_(sd[k].t() if c.family == "gpt2" and k.endswith(self.TRANSPOSED) else sd[k])
+        return hf
+
+    def export_hf(self, out_dir, tokenizer):
+        """Write the model with LoRA merged, and its tokenizer, as a transformers directory."""
+        from transformers import PreTrainedTokenizerFast
+        self.to_hf(tokenizer.token_to_id(EOS)).save_pretrained(out_dir)
+        PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS).save_pretrained(out_dir)
 
 
 def read_hf(name_or_dir):
