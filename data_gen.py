@@ -63,6 +63,10 @@ explore_names = False  # autoexplore: the analysis names the command itself ("Ne
                        # move ("Next: read a file here."), which a scratch model can learn (an experiment)
 made_up_food = 0.0  # household: the chance that a cooking episode's food takes a made-up name in all its
                     # records, so that the models learn to copy names they have never seen (README)
+explore_teacher = "oracle"  # autoexplore: who leads the episodes: "oracle" (straight to a target it knows, with
+                            # detours) or "search" (envs.AutoExplore.scripted: name matching and the question's
+                            # evidence, only what the prompt shows, so that every choice can be learned from it;
+                            # episodes it fails are left out, its reads of wrong files are the negative examples)
 seed = 0  # drives every random choice: the same seed writes byte-identical files
 teacher = "template"  # who writes the reflections: "template" (offline) or "llm" (an OpenAI-compatible endpoint)
 llm_model = ""  # with --teacher=llm: the endpoint's model name (gpt-4o, llama3.1:8b, ...), required
@@ -243,6 +247,24 @@ def explore_follow(env: envs.AutoExplore, detour: str) -> int | None:
     return i if not is_target(env, i) and 1 + env.distance() <= env.horizon - env.steps else None
 
 
+def search_reflection(env: envs.AutoExplore, best: int) -> tuple[str, str | None]:
+    """The search teacher's analysis, naming its command: whether the file just read shows the
+    question's evidence, then which name matches which word of the question; and the file read in
+    vain just before, if any (that step's miss, the negative example)."""
+    verb, name = env.commands[best]
+    evidence = ", ".join(f'"{e}"' for e in envs.question_evidence(env.task["question"]))
+    if verb == "id":
+        return f"{envs.shown(name)} shows {evidence}: it answers the task. Next: {env.actions[best]}.", None
+    missed = env.history[-1][4:] if env.history[-1:] and env.history[-1].startswith("cat ") else None
+    sentences = [f"{missed} does not show {evidence}."] if missed else []
+    if name == "..":
+        sentences.append("Nothing here is left to try.")
+    else:
+        word = envs.name_match(envs.name_words(env.task["question"]), name)[1]
+        sentences.append(f'{envs.shown(name)} matches "{word}".' if word else "No name here matches the task.")
+    return " ".join(sentences + [f"Next: {env.actions[best]}."]), missed
+
+
 # The household teacher reads the walkthrough (TextWorld's, or ALFWorld's expert) at every step.
 OFF_PLAN = [
     "'{move}' is not on the walkthrough: it wasted a step.",
@@ -296,8 +318,10 @@ TEACHERS = {"taxi": (taxi_reflection, taxi_detours, None),
 
 
 def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, shuffle: bool,
-                    asks: list | None = None, named: bool = False) -> dict:
+                    asks: list | None = None, named: bool = False, search: bool = False) -> dict | None:
     """One episode led by the oracle with occasional detours; returns its records of each kind. With
+    `search` (autoexplore) the search teacher leads instead, without detours of its own making: None
+    if it fails, or if it misses and neg_prob is 0 (the positive-only files). With
     `asks` (the LLM teacher), each reflection is a placeholder "\0<i>\0" for the endpoint's answer to
     asks[i]: the request, the Next: step it must name, and the template's reflection (the fallback)."""
     reflect, detours, follow = TEACHERS[env.name]
@@ -307,8 +331,13 @@ def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, s
     obs = env.reset(task, seed)
     detour, mistake, done = None, None, False  # detour: the wrong move taken at the previous step, if any
     while not done:
-        best = env.oracle()
-        reflection = reflect(env, best, rng, detour)  # drawn with the LLM teacher too: same rng, same episodes
+        best = env.scripted() if search else env.oracle()
+        if search:
+            reflection, detour = search_reflection(env, best)
+            if detour and not neg_prob:
+                return None
+        else:
+            reflection = reflect(env, best, rng, detour)  # drawn with the LLM teacher too: same rng, same episodes
         if asks is not None:
             want = reflection.rpartition("Next:")[2].strip()  # "move south." of "... Next: move south."
             asks.append((llm_request(obs, env.actions, best, want, mistake), want, reflection))
@@ -317,7 +346,7 @@ def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, s
         records["reflection"].append({"prompt": envs.analyze_prompt(obs), "completion": reflection, **tags})
         # the step after the last detour is the recovery, the negative example
         wrong = follow(env, detour) if detour is not None and follow else None
-        if detour is None and rng.random() < neg_prob:
+        if detour is None and not search and rng.random() < neg_prob:
             candidates = detours(env)
             wrong = rng.choice(candidates) if candidates else None
         if wrong is None:
@@ -332,14 +361,17 @@ def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, s
         reward, done, info = env.step(best if wrong is None else wrong)
         obs, detour = env.observation, detour_text
         mistake = None if detour is None else (detour, *before, reward)  # what the LLM teacher is told of it
+    if search and not info["success"]:
+        return None
     assert info["success"], f"teacher episode from task {task} failed: {info}"
     return records
 
 
 def teacher_run(env_name: str, options: str, split: str, n_episodes: int, neg_prob: float, rng, shuffle: bool, bar,
-                asks: list | None = None, named: bool = False) -> dict:
-    """n_episodes per curriculum stage, from the split's start tasks taken in turn."""
-    records = {"reflection": [], "policy": [], "plain": []}
+                asks: list | None = None, named: bool = False, search: bool = False) -> tuple[dict, int]:
+    """n_episodes per curriculum stage, from the split's start tasks taken in turn; and how many of
+    them the search teacher left out."""
+    records, left_out = {"reflection": [], "policy": [], "plain": []}, 0
     for stage in envs.ENVS[env_name].stages:
         env = envs.make_env(env_name, stage, options=options)
         tasks = env.tasks(split)
@@ -348,10 +380,12 @@ def teacher_run(env_name: str, options: str, split: str, n_episodes: int, neg_pr
             bar.update(n_episodes)
             continue
         for i in range(n_episodes):
-            for kind, recs in teacher_episode(env, tasks[i % len(tasks)], i, rng, neg_prob, shuffle, asks, named).items():
+            episode = teacher_episode(env, tasks[i % len(tasks)], i, rng, neg_prob, shuffle, asks, named, search)
+            left_out += episode is None
+            for kind, recs in (episode or {}).items():
                 records[kind] += recs
             bar.update(1)
-    return records
+    return records, left_out
 
 
 def made_up_food_names(recs: list[dict], p: float, rng: random.Random) -> list[dict]:
@@ -518,14 +552,21 @@ def write_atomic(path: str, text: str):
 
 def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_prob: float, seed: int,
              shuffle_labels: bool = False, env_options: str = "", made_up_food: float = 0.0,
-             teacher: str = "template", llm: dict | None = None, explore_names: bool = False) -> dict:
+             teacher: str = "template", llm: dict | None = None, explore_names: bool = False,
+             explore_teacher: str = "oracle") -> dict:
     """Write every data file to out_dir and return the metadata (also saved as meta.json).
     episodes=0 and neg_prob=-1 take the environment's defaults; `llm` overrides the llm_* defaults."""
     envs.make_env(env_name, options=env_options)  # fails early, with the list of names, on an unknown environment
     if env_name not in TEACHERS:
         raise ValueError(f"data_gen.py has no teacher for '{env_name}' yet")
+    if explore_teacher not in ("oracle", "search"):
+        raise ValueError(f"explore_teacher must be oracle or search, got '{explore_teacher}'")
+    search = explore_teacher == "search"
+    if search and (env_name != "autoexplore" or explore_names or teacher != "template" or neg_prob != -1):
+        raise ValueError("explore_teacher=search is AutoExplore's, writes its own named analyses and takes no "
+                         "detours: leave out explore_names, teacher and neg_prob")
     episodes = episodes or ENV_DEFAULTS[env_name]["episodes"]
-    neg_prob = ENV_DEFAULTS[env_name]["neg_prob"] if neg_prob == -1 else neg_prob
+    neg_prob = 1.0 if search else ENV_DEFAULTS[env_name]["neg_prob"] if neg_prob == -1 else neg_prob
     if episodes < 1 or val_episodes < 1:
         raise ValueError("episodes and val_episodes must be at least 1")
     if not 0 <= neg_prob <= 1:
@@ -547,14 +588,15 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
         envs.make_env(env_name, stage, options=env_options).tasks("train")
     t0 = time.time()
     n_stages = len(envs.ENVS[env_name].stages)
-    files = {}
+    files, left_out = {}, {}
     with tqdm(total=2 * n_stages * (episodes + val_episodes), desc="teacher episodes") as bar:
         for split, n_episodes in (("train", episodes), ("val", val_episodes)):
             for suffix, p in (("", neg_prob), ("_pos", 0.0)):
                 # one random stream per file group, named by string, so that changing one group's
                 # settings never changes another group's data
                 rng = random.Random(f"{seed}/{split}{suffix}")
-                records = teacher_run(env_name, env_options, split, n_episodes, p, rng, shuffle_labels, bar, asks, explore_names)
+                records, left_out[f"{split}{suffix}"] = teacher_run(env_name, env_options, split, n_episodes, p, rng,
+                                                                     shuffle_labels, bar, asks, explore_names, search)
                 for kind, recs in records.items():
                     files[f"{kind}{suffix}_{split}.jsonl"] = recs
     if client:  # the endpoint's reflections in place of the placeholders
@@ -575,12 +617,13 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
         "config": {"env": env_name, "out_dir": out_dir, "episodes": episodes, "val_episodes": val_episodes,
                    "neg_prob": neg_prob, "shuffle_labels": shuffle_labels, "seed": seed,
                    "env_options": env_options, "made_up_food": made_up_food, "explore_names": explore_names,
-                   "teacher": teacher,
+                   "explore_teacher": explore_teacher, "teacher": teacher,
                    **(llm if client else {})},
         "stages": list(envs.ENVS[env_name].stages),
         "horizon": envs.make_env(env_name, options=env_options).horizon,
         "counts": {name: len(recs) for name, recs in files.items()},
         "negative_counts": {name: sum(r["negative"] for r in recs) for name, recs in files.items()},
+        "episodes_left_out": left_out,  # by the search teacher: failed, or (_pos) with a miss
         "seconds": round(time.time() - t0, 2),
     }
     if client:
@@ -621,7 +664,7 @@ if __name__ == "__main__":
         generate(cfg["env"], cfg["out_dir"] or os.path.join("data", cfg["env"]), cfg["episodes"],
                  cfg["val_episodes"], cfg["neg_prob"], cfg["seed"], cfg["shuffle_labels"], cfg["env_options"],
                  cfg["made_up_food"], cfg["teacher"], {k: v for k, v in cfg.items() if k.startswith("llm_")},
-                 cfg["explore_names"])
+                 cfg["explore_names"], cfg["explore_teacher"])
     except (ValueError, TeacherError) as e:
         print(f"data_gen.py: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ValueError) else 1)

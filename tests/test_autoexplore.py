@@ -292,6 +292,30 @@ def test_named_analyses_name_the_command(repo):
     with pytest.raises(ValueError, match="AutoExplore's analyses only"):
         data_gen.generate("taxi", "unused", 1, 1, 0.0, 0, explore_names=True)
 
+def test_search_teacher_follows_what_the_prompt_shows(repo):
+    # explore_teacher=search: the scripted search leads, its analysis says why and names the command,
+    # its read of a wrong file is the negative example, and a failed episode is left out
+    import data_gen
+    env = envs.make_env("autoexplore", "depth1", options=f"repos={repo}")
+    records = data_gen.teacher_episode(env, task(repo, "Which file defines the function open_net?", ["pkg/net.py"]),
+                                       0, random.Random(0), 1.0, False, search=True)
+    said = [r["completion"] for r in records["reflection"]]
+    assert said[0] == "No name here matches the task. Next: cat README.md."
+    assert said[1] == 'README.md does not show "def open_net(". No name here matches the task. Next: cat alpha.py.'
+    assert 'net.py matches "net". Next: cat net.py.' in said
+    assert said[-1] == 'net.py shows "def open_net(": it answers the task. Next: id net.py.'
+    assert [r["negative"] for r in records["policy"]] == [s.split(" does not show ")[0] != s for s in said]
+    for r in records["policy"]:
+        labels, actions = envs.parse_menu(r["prompt"])
+        assert r["prompt"].split(" # Analyze:\n")[1].split("\n")[0].endswith(f"Next: {actions[labels.index(r['completion'])]}.")
+    failed = task(repo, "Which file defines the function open_net?", ["alpha.py"])  # the search never ids alpha.py
+    assert data_gen.teacher_episode(env, failed, 0, random.Random(0), 1.0, False, search=True) is None
+    missed = task(repo, "Which file defines the function open_net?", ["pkg/net.py"])
+    assert data_gen.teacher_episode(env, missed, 0, random.Random(0), 0.0, False, search=True) is None  # _pos
+    with pytest.raises(ValueError, match="explore_teacher=search"):
+        data_gen.generate("autoexplore", "unused", 1, 1, 0.3, 0, explore_teacher="search")
+
+
 def test_installed_repositories():
     roots = envs.installed_repos()
     names = {os.path.basename(r) for r in roots}
