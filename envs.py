@@ -657,11 +657,17 @@ class AutoExplore:
         self.commands = ids[:1] + cats[:1] + ([("cd", "..")] if self.cwd else []) + \
             [("cd", d) for d in dirs] + cats[1:] + ids[1:]
         self.actions = [f"{verb} {name if name == '..' else shown(name)}" for verb, name in self.commands]
-        here = " ".join([shown(d) + "/" for d in dirs] + [shown(f) for f in files]) or "(empty)"
+        # entries not yet tried first, then those done (folders entered, files read), so that the
+        # analysis can tell from the observation alone what is left to try (the history shows only 4)
+        names = [(shown(d) + "/", self.cwd + (d,) in self.entered) for d in dirs] + \
+            [(shown(f), self.cwd + (f,) in self.read) for f in files]
+        here = " ".join(n for n, done in names if not done) or ("(nothing new)" if names else "(empty)")
+        done = " ".join(n for n, done in names if done)
         self.state = "/".join(self.cwd)
         self.observation = (f"Task: {self.task['question']}\n"
                             f"Directory: {'/'.join((os.path.basename(self.root),) + self.cwd)}/\n"
                             f"Here: {here}" + (f" (+{extra} more not shown)" if extra else "") + "\n"
+                            + (f"Done here: {done}\n" if done else "") +
                             f"History: {'; '.join(self.history[-4:]) or '(none)'}\n"
                             f"Result: {self.result}")
 
