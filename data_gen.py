@@ -62,7 +62,7 @@ explore_names = False  # autoexplore: the analysis names the command itself ("Ne
                        # pretrained model that can copy it from the listing; False names only the kind of
                        # move ("Next: read a file here."), which a scratch model can learn (an experiment)
 made_up_food = 0.0  # household: the chance that a cooking episode's food takes a made-up name in all its
-                    # records, so that the models learn to copy names they have never seen (README)
+                    # records, so that the models learn to copy names they have never seen (docs/household.md)
 explore_teacher = "oracle"  # autoexplore: who leads the episodes: "oracle" (straight to a target it knows, with
                             # detours) or "search" (envs.AutoExplore.scripted: name matching and the question's
                             # evidence, only what the prompt shows, so that every choice can be learned from it;

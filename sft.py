@@ -84,7 +84,7 @@ rename = -1  # 1 renames the objects of a household game at every draw (each tak
             # environment's default in RENAME. ALFWorld's games keep their names
 copy_warmup = 0  # scratch: iterations of a copying task before SFT (a span of random tokens repeated,
                  # next-token loss), meant as a stand-in for the copying that pretraining brings; it
-                 # made both reflection models worse (README, Results); 0 skips it
+                 # made both reflection models worse (docs/autoexplore.md); 0 skips it
 eval_interval = 250  # validation loss and a checkpoint every this many iterations
 eval_batches = 8
 seed = 1337
@@ -93,7 +93,7 @@ dtype = "float32"  # float32 | bfloat16 (autocast, on cuda)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()  # lower-case names only: not the imported LABELS and EOS
                if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))]
-# Iterations per role, from measurements (README, Results). Taxi: the reflection model and the plain
+# Iterations per role, from measurements (docs/). Taxi: the reflection model and the plain
 # policy must read the map (the reflection named a non-shortest move in 5% of states after 600
 # iterations, 0.4% after 1500); the policy with reflection copies the analysis's last sentence (99%
 # after 250). AutoExplore: the plain policy overfitted past ~250; the policy with reflection still
@@ -101,7 +101,7 @@ config_keys = [k for k, v in globals().items()  # lower-case names only: not the
 # reflection's 1200 is a compromise with time (2400 did not help on the current data). Household:
 # without SHUFFLE_LABELS the policies overfit after ~500; with it they keep learning the menu
 # look-up: validation label accuracy 0.67 after 3000 iterations (plain 0.41), 0.80 after 6000 (plain
-# 0.61), and Reflect-RL 61.7% on `full` instead of 42.2% (README, Household).
+# 0.61), and Reflect-RL 61.7% on `full` instead of 42.2% (docs/household.md).
 ROLE_ITERS = {"taxi": {"reflection": 1200, "policy": 300, "plain": 1200},
               "autoexplore": {"reflection": 1200, "policy": 1000, "plain": 300},
               "household": {"reflection": 1200, "policy": 6000, "plain": 6000}}
@@ -118,29 +118,29 @@ BUCKET = {"taxi": 1, "autoexplore": 8, "household": 8}  # taxi prompts all have 
 # loss from 0.526 to 0.442 (0.631 to 0.552 without negatives). With the reflection models unchanged it
 # raised the policies' label accuracy at 500 iterations from 0.488 to 0.535 (policy) and from 0.438 to
 # 0.492 (plain); started from reflection models trained with it, they reached 0.457 and 0.465 (8
-# validation batches: noisy). It lifted Reflect-RL on the test games on every stage (README, Household).
-# On AutoExplore it made the policy agree less often with the teacher's step (README, AutoExplore).
+# validation batches: noisy). It lifted Reflect-RL on the test games on every stage (docs/household.md).
+# On AutoExplore it made the policy agree less often with the teacher's step (docs/autoexplore.md).
 LM_LOSS = {"taxi": 0.0, "autoexplore": 0.0, "household": 1.0}
 # Household menus run to 51 lines and the label of a command changes from game to game; trained on the
 # data's labels the policy learned which label each training game wants, not how to find the analysis's
 # command in the menu. Permuted labels lifted Reflect-RL from 85.6 / 75.0 / 33.3% to 92.8 / 85.0 /
-# 43.9% on the test games (README, Household).
+# 43.9% on the test games (docs/household.md).
 SHUFFLE_LABELS = {"taxi": 0, "autoexplore": 0, "household": 1}
 # In the sorted household menus the teacher's command is one of the last four lines in 247 of the 356
 # validation records, and the policy finds it best there: given the teacher's analysis it picks it in 188
 # of 247 validation states where it is among the last four lines, 3 of 19 where 16 or more lines follow
 # it (eval.py --check). Shuffled lines put the command anywhere, and then the policy did not learn the
 # look-up at all: validation label accuracy 0.14 after 1750 iterations, against 0.43 with sorted lines
-# (README, Household).
+# (docs/household.md).
 SHUFFLE_LINES = {"taxi": 0, "autoexplore": 0, "household": 0}
 # Swapped Next: steps (--swap_prob=0.5) made the household policy lean on its analysis more but find its
 # command less often: 175 of 356 validation states (244 without), 91 with the analysis left out
-# (171), eval.py --check (README, Household).
+# (171), eval.py --check (docs/household.md).
 SWAP_PROB = {"taxi": 0.0, "autoexplore": 0.0, "household": 0.0}
 # Renaming (--rename=1) lowered the household reflection model's validation loss after 1200 iterations
 # from 0.426 to 0.288 and raised the label accuracy after 3000 from 0.59 to 0.70 (policy) and from
 # 0.50 to 0.73 (plain), but on the test games it lifted the no-reflection baselines far more than
-# Reflect-RL (full: 61.7% against 40.0%), so it is not the default (README, Household).
+# Reflect-RL (full: 61.7% against 40.0%), so it is not the default (docs/household.md).
 RENAME = {"taxi": 0, "autoexplore": 0, "household": 0}
 
 
@@ -330,7 +330,7 @@ def copy_batch(g, n, length, vocab):
 def warm_up_copy(model, iters, length=256):
     """Train a fresh model to copy: each sequence is a span of random tokens repeated until the
     sequence is full, under a next-token loss on every token. The default scratch model learns it
-    abruptly after a plateau of about 1000 iterations; SFT afterwards undoes it (README, Results)."""
+    abruptly after a plateau of about 1000 iterations; SFT afterwards undoes it (docs/autoexplore.md)."""
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=weight_decay)
     V, dev_ = model.config.vocab_size, next(model.parameters()).device
     length = min(length, model.config.block_size)
