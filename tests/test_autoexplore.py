@@ -183,8 +183,13 @@ def test_menu_puts_the_unnamed_moves_first(repo):
     env.step(env.actions.index("cat README.md"))
     assert env.actions == ["id README.md", "cat alpha.py", "cd data", "cd pkg", "cat delta.py", "cat gamma.py",
                            "id beta.py"]
+    # the observation lists what is left to try, then what was done here (the history shows only 4)
+    assert "Here: data/ pkg/ alpha.py delta.py gamma.py\nDone here: README.md beta.py\n" in env.observation
     env.step(env.actions.index("cd pkg"))
     assert env.actions[:2] == ["cat cache.py", "cd .."]
+    env.step(env.actions.index("cd .."))
+    assert "Here: data/ alpha.py delta.py gamma.py\nDone here: pkg/ README.md beta.py\n" in env.observation
+    env.step(env.actions.index("cd pkg"))
     env.step(0)
     assert env.actions[:3] == ["id cache.py", "cat io.py", "cd .."]
 
