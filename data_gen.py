@@ -31,7 +31,6 @@ check every target against the oracle; autoexplore: the current folder).
     OPENAI_API_KEY=... python data_gen.py --teacher=llm --llm_model=gpt-4o     # pip install -r requirements-llm.txt
     python data_gen.py --teacher=llm --llm_base_url=http://localhost:11434/v1 --llm_model=llama3.1:8b  # a local server
 """
-import functools
 import hashlib
 import json
 import os
@@ -58,9 +57,6 @@ val_episodes = 50  # teacher episodes per stage for the val split
 neg_prob = -1.0  # chance per step that the teacher takes a detour (a negative example); -1 means
                  # the environment's default in ENV_DEFAULTS
 shuffle_labels = False  # permute the action labels at every step, against position bias
-explore_names = False  # autoexplore: the analysis names the command itself ("Next: cat x.py."), for a
-                       # pretrained model that can copy it from the listing; False names only the kind of
-                       # move ("Next: read a file here."), which a scratch model can learn (an experiment)
 made_up_food = 0.0  # household: the chance that a cooking episode's food takes a made-up name in all its
                     # records, so that the models learn to copy names they have never seen (docs/household.md)
 explore_teacher = "oracle"  # autoexplore: who leads the episodes: "oracle" (straight to a target it knows, with
@@ -187,12 +183,9 @@ MOVES = {"up": ["Nothing here answers the task. Next: go up.", "The answer is no
          "id": ["Next: identify that file."]}
 
 
-NAMED = {"up": "Nothing here answers the task.", "down": "The answer should be under {name}/.",
-         "read": "{name} should answer the task."}  # with explore_names, before "Next: <command>."
 
 
-def explore_reflection(env: envs.AutoExplore, best: int, rng: random.Random, detour: str | None,
-                       named: bool = False) -> str:
+def explore_reflection(env: envs.AutoExplore, best: int, rng: random.Random, detour: str | None) -> str:
     verb, name = env.commands[best]
     sentences = []
     if detour is not None:
@@ -203,9 +196,6 @@ def explore_reflection(env: envs.AutoExplore, best: int, rng: random.Random, det
         move = "id"
     else:
         move = "read" if verb == "cat" else "up" if name == ".." else "down"
-    if named:
-        return " ".join(sentences + ([NAMED[move].format(name=name)] if move != "id" else [])
-                        + [f"Next: {env.actions[best]}."])
     return " ".join(sentences + [rng.choice(MOVES[move])])
 
 
@@ -318,15 +308,13 @@ TEACHERS = {"taxi": (taxi_reflection, taxi_detours, None),
 
 
 def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, shuffle: bool,
-                    asks: list | None = None, named: bool = False, search: bool = False) -> dict | None:
+                    asks: list | None = None, search: bool = False) -> dict | None:
     """One episode led by the oracle with occasional detours; returns its records of each kind. With
     `search` (autoexplore) the search teacher leads instead, without detours of its own making: None
     if it fails, or if it misses and neg_prob is 0 (the positive-only files). With
     `asks` (the LLM teacher), each reflection is a placeholder "\0<i>\0" for the endpoint's answer to
     asks[i]: the request, the Next: step it must name, and the template's reflection (the fallback)."""
     reflect, detours, follow = TEACHERS[env.name]
-    if named:  # autoexplore's analysis names the command (generate allows it there only)
-        reflect = functools.partial(reflect, named=True)
     records = {"reflection": [], "policy": [], "plain": []}
     obs = env.reset(task, seed)
     detour, mistake, done = None, None, False  # detour: the wrong move taken at the previous step, if any
@@ -368,7 +356,7 @@ def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, s
 
 
 def teacher_run(env_name: str, options: str, split: str, n_episodes: int, neg_prob: float, rng, shuffle: bool, bar,
-                asks: list | None = None, named: bool = False, search: bool = False) -> tuple[dict, int]:
+                asks: list | None = None, search: bool = False) -> tuple[dict, int]:
     """n_episodes per curriculum stage, from the split's start tasks taken in turn; and how many of
     them the search teacher left out."""
     records, left_out = {"reflection": [], "policy": [], "plain": []}, 0
@@ -380,7 +368,7 @@ def teacher_run(env_name: str, options: str, split: str, n_episodes: int, neg_pr
             bar.update(n_episodes)
             continue
         for i in range(n_episodes):
-            episode = teacher_episode(env, tasks[i % len(tasks)], i, rng, neg_prob, shuffle, asks, named, search)
+            episode = teacher_episode(env, tasks[i % len(tasks)], i, rng, neg_prob, shuffle, asks, search)
             left_out += episode is None
             for kind, recs in (episode or {}).items():
                 records[kind] += recs
@@ -552,8 +540,7 @@ def write_atomic(path: str, text: str):
 
 def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_prob: float, seed: int,
              shuffle_labels: bool = False, env_options: str = "", made_up_food: float = 0.0,
-             teacher: str = "template", llm: dict | None = None, explore_names: bool = False,
-             explore_teacher: str = "oracle") -> dict:
+             teacher: str = "template", llm: dict | None = None, explore_teacher: str = "oracle") -> dict:
     """Write every data file to out_dir and return the metadata (also saved as meta.json).
     episodes=0 and neg_prob=-1 take the environment's defaults; `llm` overrides the llm_* defaults."""
     envs.make_env(env_name, options=env_options)  # fails early, with the list of names, on an unknown environment
@@ -562,9 +549,9 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
     if explore_teacher not in ("oracle", "search"):
         raise ValueError(f"explore_teacher must be oracle or search, got '{explore_teacher}'")
     search = explore_teacher == "search"
-    if search and (env_name != "autoexplore" or explore_names or teacher != "template" or neg_prob != -1):
-        raise ValueError("explore_teacher=search is AutoExplore's, writes its own named analyses and takes no "
-                         "detours: leave out explore_names, teacher and neg_prob")
+    if search and (env_name != "autoexplore" or teacher != "template" or neg_prob != -1):
+        raise ValueError("explore_teacher=search is AutoExplore's, writes its own analyses and takes no "
+                         "detours: leave out teacher and neg_prob")
     episodes = episodes or ENV_DEFAULTS[env_name]["episodes"]
     neg_prob = 1.0 if search else ENV_DEFAULTS[env_name]["neg_prob"] if neg_prob == -1 else neg_prob
     if episodes < 1 or val_episodes < 1:
@@ -575,8 +562,6 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
         raise ValueError(f"made_up_food must be in [0, 1], got {made_up_food}")
     if made_up_food and env_name != "household":
         raise ValueError("made_up_food renames the food of household cooking games only")
-    if explore_names and env_name != "autoexplore":
-        raise ValueError("explore_names changes AutoExplore's analyses only")
     if teacher not in ("template", "llm"):
         raise ValueError(f"teacher must be template or llm, got '{teacher}'")
     llm = {k: globals()[k] for k in config_keys if k.startswith("llm_")} | (llm or {})
@@ -596,7 +581,7 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
                 # settings never changes another group's data
                 rng = random.Random(f"{seed}/{split}{suffix}")
                 records, left_out[f"{split}{suffix}"] = teacher_run(env_name, env_options, split, n_episodes, p, rng,
-                                                                     shuffle_labels, bar, asks, explore_names, search)
+                                                                     shuffle_labels, bar, asks, search)
                 for kind, recs in records.items():
                     files[f"{kind}{suffix}_{split}.jsonl"] = recs
     if client:  # the endpoint's reflections in place of the placeholders
@@ -616,7 +601,7 @@ def generate(env_name: str, out_dir: str, episodes: int, val_episodes: int, neg_
     meta = {
         "config": {"env": env_name, "out_dir": out_dir, "episodes": episodes, "val_episodes": val_episodes,
                    "neg_prob": neg_prob, "shuffle_labels": shuffle_labels, "seed": seed,
-                   "env_options": env_options, "made_up_food": made_up_food, "explore_names": explore_names,
+                   "env_options": env_options, "made_up_food": made_up_food,
                    "explore_teacher": explore_teacher, "teacher": teacher,
                    **(llm if client else {})},
         "stages": list(envs.ENVS[env_name].stages),
@@ -664,7 +649,7 @@ if __name__ == "__main__":
         generate(cfg["env"], cfg["out_dir"] or os.path.join("data", cfg["env"]), cfg["episodes"],
                  cfg["val_episodes"], cfg["neg_prob"], cfg["seed"], cfg["shuffle_labels"], cfg["env_options"],
                  cfg["made_up_food"], cfg["teacher"], {k: v for k, v in cfg.items() if k.startswith("llm_")},
-                 cfg["explore_names"], cfg["explore_teacher"])
+                 cfg["explore_teacher"])
     except (ValueError, TeacherError) as e:
         print(f"data_gen.py: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ValueError) else 1)

@@ -282,21 +282,6 @@ def test_teacher_reads_down_the_list(repo):
     assert recovery["completion"] == "4" and "\n1. cat beta.py\n2. cd data\n3. cd pkg\n4. cat delta.py\n" in recovery["prompt"]
 
 
-def test_named_analyses_name_the_command(repo):
-    # with explore_names the analysis ends with the command itself, which is the policy's target
-    import data_gen
-    env = envs.make_env("autoexplore", "depth1", options=f"repos={repo}")
-    records = data_gen.teacher_episode(env, task(repo, targets=["delta.py"]), 0, random.Random(0), 1.0, False,
-                                       named=True)
-    said = [r["completion"] for r in records["reflection"]]
-    assert said[-1].endswith("Next: id delta.py.")
-    assert any(s.endswith("delta.py should answer the task. Next: cat delta.py.") for s in said)
-    for r in records["policy"]:
-        labels, actions = envs.parse_menu(r["prompt"])
-        assert r["prompt"].split(" # Analyze:\n")[1].split("\n")[0].endswith(f"Next: {actions[labels.index(r['completion'])]}.")
-    with pytest.raises(ValueError, match="AutoExplore's analyses only"):
-        data_gen.generate("taxi", "unused", 1, 1, 0.0, 0, explore_names=True)
-
 def test_search_teacher_follows_what_the_prompt_shows(repo):
     # explore_teacher=search: the scripted search leads, its analysis says why and names the command,
     # its read of a wrong file is the negative example, and a failed episode is left out
