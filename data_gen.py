@@ -3,7 +3,9 @@ Supervised fine-tuning data for Reflect-RL: teacher trajectories with negative e
 
 The teacher follows the environment's oracle. At some steps (probability neg_prob) it takes a wrong
 but legal detour instead, and at the next state its reflection names the mistake, what it cost, and
-the recovery. (In AutoExplore a wrong file in a target's folder is the first unread one, and the
+the recovery. (With --explore_teacher=search, AutoExplore's scripted search leads instead: it
+uses only what the prompt shows, its failed episodes are left out, and its own reads of wrong
+files are the negative examples. In AutoExplore a wrong file in a target's folder is the first unread one, and the
 teacher reads on down the list until the target is next.) The wrong action is never a policy
 target: at the state where it was taken only the reflection record (the correct analysis) is
 written, and the recovery step that follows is a policy target marked negative=true. The teacher
@@ -183,8 +185,6 @@ MOVES = {"up": ["Nothing here answers the task. Next: go up.", "The answer is no
          "id": ["Next: identify that file."]}
 
 
-
-
 def explore_reflection(env: envs.AutoExplore, best: int, rng: random.Random, detour: str | None) -> str:
     verb, name = env.commands[best]
     sentences = []
@@ -319,12 +319,13 @@ def teacher_episode(env, task, seed: int, rng: random.Random, neg_prob: float, s
     obs = env.reset(task, seed)
     detour, mistake, done = None, None, False  # detour: the wrong move taken at the previous step, if any
     while not done:
-        best = env.scripted() if search else env.oracle()
         if search:
+            best = env.scripted()
             reflection, detour = search_reflection(env, best)
             if detour and not neg_prob:
                 return None
         else:
+            best = env.oracle()
             reflection = reflect(env, best, rng, detour)  # drawn with the LLM teacher too: same rng, same episodes
         if asks is not None:
             want = reflection.rpartition("Next:")[2].strip()  # "move south." of "... Next: move south."

@@ -724,25 +724,22 @@ class AutoExplore:
         enter the unread file or new folder whose name matches the question best (name_match; files
         first on a tie, then menu order), else go up."""
         q = self.task["question"]
-        if self.evidence_shown():
+        if self.history[-1:] and self.history[-1].startswith("cat ") and self.commands[0][0] == "id" \
+                and all(e in self.result for e in question_evidence(q)):
             return 0
         words = name_words(q)
         moves = [(name_match(words, n)[0] + (verb == "cat") / 2, -i) for i, (verb, n) in enumerate(self.commands)
                  if verb == "cat" or (verb == "cd" and n != ".." and self.cwd + (n,) not in self.entered)]
         return -max(moves)[1] if moves else self.commands.index(("cd", "..")) if self.cwd else 0
 
-    def evidence_shown(self) -> bool:
-        """Whether the file just read shows all of the question's evidence (then `id` it is label 0)."""
-        return bool(self.history[-1:]) and self.history[-1].startswith("cat ") and self.commands[0][0] == "id" \
-            and all(e in self.result for e in question_evidence(self.task["question"]))
-
 
 def name_match(words: set[str], name: str) -> tuple[int, str]:
     """How well a file or folder name matches the question's words (name_words): 10 per shared word,
     plus the length of the longest question word inside the name's stem (or the stem inside it); and
     the question word that matched best ("" if none)."""
-    stem = name.rsplit(".", 1)[0].lstrip("_").lower()
-    shared = words & name_words(name.rsplit(".", 1)[0])
+    base = name.rsplit(".", 1)[0]
+    stem = base.lstrip("_").lower()
+    shared = words & name_words(base)
     inside = [w for w in words if w in stem or (len(stem) >= 3 and stem in w)]
     best = max(shared or inside, key=lambda w: (len(w), w), default="")
     return 10 * len(shared) + max(map(len, inside), default=0), best
