@@ -239,8 +239,9 @@ def explore_follow(env: envs.AutoExplore, detour: str) -> int | None:
 
 def search_reflection(env: envs.AutoExplore, best: int) -> tuple[str, str | None]:
     """The search teacher's analysis, naming its command: whether the file just read shows the
-    question's evidence, then which name matches which word of the question; and the file read in
-    vain just before, if any (that step's miss, the negative example)."""
+    question's evidence, then which word of the question a name has, the word first (written in
+    that order, each step copies what the text before it points at); and the file read in vain
+    just before, if any (that step's miss, the negative example)."""
     verb, name = env.commands[best]
     evidence = ", ".join(f'"{e}"' for e in envs.question_evidence(env.task["question"]))
     if verb == "id":
@@ -251,7 +252,7 @@ def search_reflection(env: envs.AutoExplore, best: int) -> tuple[str, str | None
         sentences.append("Nothing here is left to try.")
     else:
         word = envs.name_match(envs.name_words(env.task["question"]), name)[1]
-        sentences.append(f'{envs.shown(name)} matches "{word}".' if word else "No name here matches the task.")
+        sentences.append(f'The task says "{word}": {envs.shown(name)} matches.' if word else "No name here matches the task.")
     return " ".join(sentences + [f"Next: {env.actions[best]}."]), missed
 
 

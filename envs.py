@@ -38,19 +38,23 @@ def analyze_prompt(obs: str) -> str:
 
 
 def policy_prompt(obs: str, actions: list[str], reflection: str | None = None, labels=LABELS) -> str:
-    """What the policy sees; label i belongs to action i (callers may pass labels permuted)."""
+    """What the policy sees; label i belongs to action i (callers may pass labels permuted). Each menu
+    line puts its label after the action, "move south (0)": the position where the policy reads a
+    line's label has already seen the action, so finding the command an analysis names and answering
+    with its label is one look-up (SmolLM2 learns it in 90 SFT iterations after the action, none
+    with the label first: docs/pretrained.md E6)."""
     if len(actions) > len(labels):
         raise ValueError(f"{len(actions)} actions but only {len(labels)} labels")
     head = obs + "\n" if reflection is None else analyze_prompt(obs) + reflection + "\n"
-    menu = "".join(f"{labels[i]}. {a}\n" for i, a in enumerate(actions))
+    menu = "".join(f"{a} ({labels[i]})\n" for i, a in enumerate(actions))
     return head + MENU_HEAD + menu + ACTION_HEAD
 
 
 def parse_menu(prompt: str) -> tuple[list[str], list[str]]:
     """The labels and actions of a policy prompt's menu, in its order: policy_prompt's inverse."""
     menu = prompt.rpartition(MENU_HEAD)[2].rpartition(ACTION_HEAD)[0]
-    pairs = [line.split(". ", 1) for line in menu.splitlines()]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+    pairs = [line.removesuffix(")").rpartition(" (") for line in menu.splitlines()]
+    return [p[2] for p in pairs], [p[0] for p in pairs]
 
 
 # Task splits are a fixed seeded permutation of each stage's start tasks, cut 60/10/30. The seed is

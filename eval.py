@@ -145,8 +145,8 @@ def load_agent(name, policy_dir, reflection_dir, cache):
     return {"name": name, "kind": "model", "policy": (policy, tok, labels), "reflection": reflection}
 
 
-INSTRUCTION = ("You are an agent in a text environment. Read the observation and the numbered actions, "
-               "then answer with the label of the best action, and nothing else.")
+INSTRUCTION = ("You are an agent in a text environment. Read the observation and the actions, each with its "
+               "label in brackets, then answer with the label of the best action, and nothing else.")
 
 
 def load_untuned(name):

@@ -276,10 +276,10 @@ def test_teacher_reads_down_the_list(repo):
     assert history[:4] == ["(none)", "cat README.md", "cat README.md; cat alpha.py",
                            "cat README.md; cat alpha.py; cat beta.py"]
     assert recovery["negative"] and recovery["completion"] == "1"  # the first unread file, after `id` of the last read
-    assert "\n0. id beta.py\n1. cat delta.py\n2. cd data\n" in recovery["prompt"]
+    assert "\nid beta.py (0)\ncat delta.py (1)\ncd data (2)\n" in recovery["prompt"]
     history, recovery = episode(4)  # time for two wrong files only: the recovery skips beta.py
     assert history[:3] == ["(none)", "cat README.md", "cat README.md; cat alpha.py"]
-    assert recovery["completion"] == "4" and "\n1. cat beta.py\n2. cd data\n3. cd pkg\n4. cat delta.py\n" in recovery["prompt"]
+    assert recovery["completion"] == "4" and "\ncat beta.py (1)\ncd data (2)\ncd pkg (3)\ncat delta.py (4)\n" in recovery["prompt"]
 
 
 def test_search_teacher_follows_what_the_prompt_shows(repo):
@@ -292,7 +292,7 @@ def test_search_teacher_follows_what_the_prompt_shows(repo):
     said = [r["completion"] for r in records["reflection"]]
     assert said[0] == "No name here matches the task. Next: cat README.md."
     assert said[1] == 'README.md does not show "def open_net(". No name here matches the task. Next: cat alpha.py.'
-    assert 'net.py matches "net". Next: cat net.py.' in said
+    assert 'The task says "net": net.py matches. Next: cat net.py.' in said
     assert said[-1] == 'net.py shows "def open_net(": it answers the task. Next: id net.py.'
     assert [r["negative"] for r in records["policy"]] == [s.split(" does not show ")[0] != s for s in said]
     for r in records["policy"]:

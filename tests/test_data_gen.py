@@ -111,8 +111,7 @@ def test_shuffled_labels(tmp_path):
     small(tmp_path, shuffle_labels=True)
     seen = set()
     for r in load(tmp_path / "policy_train.jsonl"):
-        menu = r["prompt"].split("# Choose from below your action:\n")[1].splitlines()[:-1]
-        labels = [line.split(". ")[0] for line in menu]
+        labels = envs.parse_menu(r["prompt"])[0]
         assert sorted(labels) == list(envs.LABELS[:6])
         taxi = envs.make_env("taxi", r["stage"])
         taxi.reset(r["state"])

@@ -131,11 +131,11 @@ def test_prompts():
     assert envs.analyze_prompt("OBS") == "OBS\n # Analyze:\n"
     acts = ["go", "stay"]
     assert envs.policy_prompt("OBS", acts) == (
-        "OBS\n# Choose from below your action:\n0. go\n1. stay\n # Action:\n")
+        "OBS\n# Choose from below your action:\ngo (0)\nstay (1)\n # Action:\n")
     assert envs.policy_prompt("OBS", acts, "think", ["b", "a"]) == (
-        "OBS\n # Analyze:\nthink\n# Choose from below your action:\nb. go\na. stay\n # Action:\n")
-    assert envs.parse_menu(envs.policy_prompt("OBS", ["go. now", "stay"], "think", ["b", "a"])) == (
-        ["b", "a"], ["go. now", "stay"])
+        "OBS\n # Analyze:\nthink\n# Choose from below your action:\ngo (b)\nstay (a)\n # Action:\n")
+    assert envs.parse_menu(envs.policy_prompt("OBS", ["go (now)", "stay"], "think", ["b", "a"])) == (
+        ["b", "a"], ["go (now)", "stay"])
     assert len(set(envs.LABELS)) == len(envs.LABELS) == 62
     with pytest.raises(ValueError):
         envs.policy_prompt("OBS", acts, labels="0")

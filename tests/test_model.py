@@ -11,7 +11,7 @@ from model import GPT, GPTConfig, load_checkpoint, label_token_ids, save_checkpo
 transformers = pytest.importorskip("transformers")
 LABELS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 CORPUS = ["+---------+\n|R: | : :G|\n| : | : : |\n # Analyze:\nThe taxi is at row 2. Next: move south.\n"
-          "# Choose from below your action:\n0. move south\n1. move north\n # Action:\n"] * 50
+          "# Choose from below your action:\nmove south (0)\nmove north (1)\n # Action:\n"] * 50
 
 
 @pytest.fixture(scope="module")
