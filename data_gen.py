@@ -5,12 +5,12 @@ The teacher follows the environment's oracle. At some steps (probability neg_pro
 but legal detour instead, and at the next state its reflection names the mistake, what it cost, and
 the recovery. (With --explore_teacher=search, AutoExplore's scripted search leads instead: it
 uses only what the prompt shows, its failed episodes are left out, and its own reads of wrong
-files are the negative examples. In AutoExplore a wrong file in a target's folder is the first unread one, and the
-teacher reads on down the list until the target is next.) The wrong action is never a policy
-target: at the state where it was taken only the reflection record (the correct analysis) is
-written, and the recovery step that follows is a policy target marked negative=true. The teacher
-is a privileged template writer (it reads the true state), so generation needs no network and is
-deterministic by seed. With --teacher=llm a chat-completions endpoint writes every reflection
+files are the negative examples. In AutoExplore a wrong file in a target's folder is the first
+unread one, and the teacher reads on down the list until the target is next.) The wrong action is
+never a policy target: at the state where it was taken only the reflection record (the correct
+analysis) is written, and the recovery step that follows is a policy target marked negative=true.
+The teacher is a privileged template writer (it reads the true state), so generation needs no
+network and is deterministic by seed. With --teacher=llm a chat-completions endpoint writes every reflection
 instead, as GPT-4 did in the paper, given what the template teacher knows (llm_teach); the
 episodes, and so the states and targets, stay those of the template teacher.
 
@@ -239,9 +239,9 @@ def explore_follow(env: envs.AutoExplore, detour: str) -> int | None:
 
 def search_reflection(env: envs.AutoExplore, best: int) -> tuple[str, str | None]:
     """The search teacher's analysis, naming its command: whether the file just read shows the
-    question's evidence, then which word of the question a name has, the word first (written in
-    that order, each step copies what the text before it points at); and the file read in vain
-    just before, if any (that step's miss, the negative example)."""
+    question's evidence, then the question's word and the name that holds it, in that order (each
+    part copies what comes before it); and the file read in vain just before, if any (that step's
+    miss, the negative example)."""
     verb, name = env.commands[best]
     evidence = ", ".join(f'"{e}"' for e in envs.question_evidence(env.task["question"]))
     if verb == "id":
