@@ -35,7 +35,8 @@ data_dir = ""  # JSONL from data_gen.py; "" means data/{env} (generated if missi
 out_dir = ""  # "" means out/{env}
 role = "all"  # reflection | policy | plain | all (reflection, policy and plain in turn)
 negatives = True  # False: train on the positive-only data (the ablation), into sft_{role}_pos
-init_from = "scratch"  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF directory
+init_from = "scratch"  # scratch | resume | smollm2-135m | gpt2 ... gpt2-xl | a local HF directory; resume
+                       # continues each role's checkpoint with its saved options, except those given here
 policy_init = ""  # with scratch, where the policy and plain models start: "reflection" (the weights of
                   # the trained sft_reflection[_pos], a stand-in for pretraining) or "scratch" (random);
                   # "" means the environment's default in POLICY_INIT
@@ -146,7 +147,7 @@ RENAME = {"taxi": 0, "autoexplore": 0, "household": 0}
 
 def parse_args(argv):
     """--key=value overrides of the defaults above, type-checked; --flag alone means True; --help
-    prints the docstring and the config block."""
+    prints the docstring and the config block. The keys given are kept in `given`."""
     for arg in argv:
         if arg in ("-h", "--help"):
             block = open(__file__).read().split("# " + "-" * 77)[1].removeprefix(" config")
@@ -164,6 +165,12 @@ def parse_args(argv):
         except (KeyError, ValueError):
             raise SystemExit(f"error: --{key} wants a {type(old).__name__}, got {val!r}")
         globals()[key] = val
+        given.add(key)
+
+
+given = set()
+# on --init_from=resume these come from the command line (or the defaults), never from the checkpoint
+NOT_RESUMED = {"env", "out_dir", "role", "negatives", "init_from", "device", "dtype"}
 
 
 def read_jsonl(path):
@@ -379,6 +386,13 @@ def train(the_role):
     if init_from == "resume":
         model, tok, ckpt = load_checkpoint(ckpt_dir)
         start_iter, opt_state, init = ckpt["iter"], ckpt["optimizer"], ckpt["init_from"]
+        saved = {k: v for k, v in ckpt["config"].items() if k in config_keys and k not in given | NOT_RESUMED}
+        changed = {k: v for k, v in saved.items() if v != globals()[k]}
+        globals().update(saved)  # the run goes on as it was set up (batch, learning rate, data, ...)
+        if changed and rank == 0:
+            print(f"sft {the_role}{suffix}: resumed with the checkpoint's " + ", ".join(f"{k}={v}" for k, v in changed.items()))
+        iters = max_iters
+        cfg |= saved | {"max_iters": iters}
         restore_rng(ckpt["rng"], seed, rank, world)
     else:
         init = init_from
@@ -545,7 +559,7 @@ if __name__ == "__main__":
         if dev == "cuda":
             dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(dev)
-    if not os.path.isfile(os.path.join(data_dir, "meta.json")) and rank == 0:
+    if init_from != "resume" and not os.path.isfile(os.path.join(data_dir, "meta.json")) and rank == 0:
         print(f"no data in {data_dir}: generating it with data_gen.py")
         subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_gen.py"),
                         f"--env={env}", f"--out_dir={data_dir}", f"--seed={seed}"], check=True)

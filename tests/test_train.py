@@ -161,10 +161,14 @@ def test_resume_is_exact(trained, tmp_path):
 
 
 def test_sft_resume_continues(trained):
+    """Resumed with only the new iteration count, the run keeps its own data, batch and intervals."""
     data, out = trained
-    p = run("sft.py", f"--data_dir={data}", f"--out_dir={out}", "--role=plain", "--init_from=resume", "--max_iters=6", *TINY)
+    p = run("sft.py", f"--out_dir={out}", "--role=plain", "--init_from=resume", "--max_iters=6")
     logs = [json.loads(line) for line in open(os.path.join(out, "sft_plain", "log.jsonl"))]
     assert [r["iter"] for r in logs if "iter" in r] == [2, 4, 6], p.stdout
+    resumed = [r for r in logs if "config" in r][-1]["config"]  # the line written when the run went on
+    assert (resumed["data_dir"], resumed["batch_size"], resumed["max_iters"]) == (data, 8, 6)
+    assert "resumed with the checkpoint's" in p.stdout and "batch_size=8" in p.stdout, p.stdout
 
 
 def test_policy_can_start_from_the_reflection_model(trained, tmp_path):
