@@ -279,13 +279,18 @@ class GPT(nn.Module):
     def forward(self, idx, attn_mask=None):
         return self.lm_head(self.hidden(idx, attn_mask))  # (B, T, vocab)
 
-    def score_actions(self, idx, lengths, label_ids, action_mask):
+    def score_actions(self, idx, lengths, label_ids, action_mask, chunk=16):
         """Single-prompt action enumeration. idx (B, T) right-padded prompts that end right before
         the action label; lengths (B,) real lengths; label_ids (B, A) label token of each action;
-        action_mask (B, A) True where the action is admissible.
+        action_mask (B, A) True where the action is admissible. The prompts run `chunk` at a time in
+        order of length, each chunk cut to its longest, so that short prompts skip the padding of long ones.
         Returns log-probs (B, A) over the admissible actions (-inf elsewhere) and values (B,)."""
-        h = self.hidden(idx)  # right padding never reaches real tokens under causal attention
-        last = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]  # (B, C)
+        order = lengths.argsort()
+        last = []
+        for rows in order.split(chunk):
+            h = self.hidden(idx[rows, :int(lengths[rows].max())])  # right padding never reaches real tokens
+            last.append(h[torch.arange(len(rows), device=idx.device), lengths[rows] - 1])
+        last = torch.cat(last)[order.argsort()]  # (B, C), back in the batch's order
         # the "shrunk LM head": only the label rows of the head, not the whole vocabulary
         logits = torch.einsum("bc,bac->ba", last, self.lm_head.weight[label_ids])  # (B, A)
         logits = logits.masked_fill(~action_mask, float("-inf"))

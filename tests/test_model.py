@@ -115,12 +115,12 @@ def test_score_actions_matches_full_softmax_and_ignores_padding():
     labels = torch.tensor([[5, 9, 11, 13], [5, 9, 11, 13], [20, 21, 22, 23]])
     amask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0]]).bool()
 
-    def batch(order, pad_to):
+    def batch(order, pad_to, chunk=16):
         idx = torch.zeros(len(order), pad_to, dtype=torch.long)
         for r, i in enumerate(order):
             idx[r, :len(prompts[i])] = prompts[i]
         lengths = torch.tensor([len(prompts[i]) for i in order])
-        return model.score_actions(idx, lengths, labels[order], amask[order])
+        return model.score_actions(idx, lengths, labels[order], amask[order], chunk)
 
     with torch.no_grad():
         logp, value = batch([0, 1, 2], 12)
@@ -131,6 +131,9 @@ def test_score_actions_matches_full_softmax_and_ignores_padding():
         logp2, value2 = batch([2, 0, 1], 20)  # other order, more padding
         torch.testing.assert_close(logp2, logp[[2, 0, 1]], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(value2, value[[2, 0, 1]], atol=1e-5, rtol=1e-5)
+        logp3, value3 = batch([2, 0, 1], 20, chunk=2)  # chunks of prompts of similar length
+        torch.testing.assert_close(logp3, logp[[2, 0, 1]], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(value3, value[[2, 0, 1]], atol=1e-5, rtol=1e-5)
     assert torch.isinf(logp[1, 2]) and torch.isfinite(logp[1, :2]).all()
 
 
