@@ -374,11 +374,9 @@ def get_tokenizer(init):
 
 
 def train(the_role):
-    iters = max_iters or ROLE_ITERS[env][the_role]
     suffix = "" if negatives else "_pos"
     ckpt_dir = os.path.join(out_dir, f"sft_{the_role}{suffix}")
     log_path = os.path.join(ckpt_dir, "log.jsonl")
-    cfg = {k: globals()[k] for k in config_keys} | {"role": the_role, "max_iters": iters}
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP averages gradients, not weights)
     random.seed(seed + rank)
     np.random.seed(seed + rank)
@@ -391,8 +389,6 @@ def train(the_role):
         globals().update(saved)  # the run goes on as it was set up (batch, learning rate, data, ...)
         if changed and rank == 0:
             print(f"sft {the_role}{suffix}: resumed with the checkpoint's " + ", ".join(f"{k}={v}" for k, v in changed.items()))
-        iters = max_iters
-        cfg |= saved | {"max_iters": iters}
         restore_rng(ckpt["rng"], seed, rank, world)
     else:
         init = init_from
@@ -416,6 +412,8 @@ def train(the_role):
         else:
             model = GPT.from_pretrained(init, **lora)
             tok = get_tokenizer(init)
+    iters = max_iters or ROLE_ITERS[env][the_role]  # on resume, the checkpoint's unless given
+    cfg = {k: globals()[k] for k in config_keys} | {"role": the_role, "max_iters": iters}
     if world > 1 and init_from != "resume":
         torch.manual_seed(seed + rank)  # then a stream of its own
     label_token_ids(tok, LABELS)  # start-up check: every action label is one token
