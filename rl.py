@@ -381,5 +381,6 @@ if __name__ == "__main__":
         it += 1  # from here on `it` counts finished iterations, as the checkpoint records
         if it % save_interval == 0 or it == total_iters:
             checkpoint()
-    if world > 1:
+    if world > 1:  # no rank closes its connections while another still reads from them
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()

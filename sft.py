@@ -568,5 +568,6 @@ if __name__ == "__main__":
             train(r)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    if world > 1:
+    if world > 1:  # no rank closes its connections while another still reads from them
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()

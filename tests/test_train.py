@@ -345,14 +345,14 @@ def test_torchrun_data_parallel(trained, tmp_path):
     for script, args in (("sft.py", [f"--data_dir={data}", f"--out_dir={out}", "--max_iters=2", *TINY]),
                          ("rl.py", rl_args(out, "--total_iters=1"))):
         p = torchrun(script, *args)
-        assert p.returncode == 0, p.stderr[-2000:]
+        assert p.returncode == 0, p.stderr[:4000]  # the ranks' own messages come first, torchrun's summary last
     assert len(log_records(os.path.join(out, "rl", "log.jsonl"))) == 1
     for ckpt_dir in ("sft_plain", "rl"):  # each rank's random streams, to resume them
         rng = torch.load(os.path.join(out, ckpt_dir, "ckpt.pt"), weights_only=True)["rng"]
         assert len(rng) == 2 and rng[0]["python"] != rng[1]["python"]
     p = torchrun("sft.py", f"--data_dir={data}", f"--out_dir={out}", "--role=plain", "--init_from=resume",
                  "--max_iters=4", *TINY)
-    assert p.returncode == 0 and "new stream" not in p.stdout, p.stderr[-2000:]
+    assert p.returncode == 0 and "new stream" not in p.stdout, p.stderr[:4000]
     assert torch.load(os.path.join(out, "sft_plain", "ckpt.pt"), weights_only=True)["iter"] == 4
 
 
