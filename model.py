@@ -239,10 +239,12 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def hidden(self, idx, attn_mask=None, cache=None, start=0):
+    def hidden(self, idx, attn_mask=None, cache=None, start=0, x=None, first=0, last=None):
         """idx (B, T) token ids at positions start .. start+T-1 of the sequence; attn_mask (B, start+T)
         1 = real token (needed only with left padding); cache: per-layer (k, v) buffers from
-        `new_cache`, holding the first `start` positions. Returns the hidden states after ln_f (B, T, C)."""
+        `new_cache`, holding the first `start` positions. Returns the hidden states after ln_f (B, T, C).
+        To run part of the stack: x (B, T, C) is the residual stream entering block `first` (idx then
+        gives only the positions), and `last` stops after that many blocks, returning the residual stream."""
         B, T = idx.shape
         S = start + T
         if S > self.config.block_size:
@@ -261,15 +263,23 @@ class GPT(nn.Module):
                 mask = torch.ones(T, S, dtype=torch.bool, device=idx.device).tril(start)
         if self.config.family == "gpt2":
             t, rope = self.transformer, None
-            x, blocks, norm = t.drop(t.wte(idx) + t.wpe(pos)), t.h, t.ln_f
+            blocks, norm = t.h, t.ln_f
+            x = t.drop(t.wte(idx) + t.wpe(pos)) if x is None else x
         else:
-            x, blocks, norm = self.model.embed_tokens(idx), self.model.layers, self.model.norm
+            blocks, norm = self.model.layers, self.model.norm
+            x = self.model.embed_tokens(idx) if x is None else x
             angles = pos[..., None].float() * self.inv_freq  # (B or 1, T, hs/2)
             angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B or 1, 1, T, hs)
             rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        for i, block in enumerate(blocks):
-            x = block(x, mask, cache[i] if cache is not None else None, start, rope)
-        return norm(x)
+        for i in range(first, len(blocks) if last is None else last):
+            x = blocks[i](x, mask, cache[i] if cache is not None else None, start, rope)
+        return x if last is not None else norm(x)
+
+    def frozen_blocks(self):
+        """How many blocks at the bottom hold no trainable weight (LoRA on the top `lora_layers` only).
+        Their output for a prompt never changes in training, so PPO computes it once per state."""
+        c = self.config
+        return c.n_layer - c.lora_layers if c.lora_r > 0 and 0 < c.lora_layers < c.n_layer else 0
 
     def new_cache(self, batch_size, length):
         c, w = self.config, self.lm_head.weight
@@ -279,22 +289,37 @@ class GPT(nn.Module):
     def forward(self, idx, attn_mask=None):
         return self.lm_head(self.hidden(idx, attn_mask))  # (B, T, vocab)
 
-    def score_actions(self, idx, lengths, label_ids, action_mask, chunk=16):
+    def score_actions(self, idx, lengths, label_ids, action_mask, chunk=16, trunk=None, keep_trunk=False):
         """Single-prompt action enumeration. idx (B, T) right-padded prompts that end right before
         the action label; lengths (B,) real lengths; label_ids (B, A) label token of each action;
         action_mask (B, A) True where the action is admissible. The prompts run `chunk` at a time in
         order of length, each chunk cut to its longest, so that short prompts skip the padding of long ones.
-        Returns log-probs (B, A) over the admissible actions (-inf elsewhere) and values (B,)."""
+        Returns log-probs (B, A) over the admissible actions (-inf elsewhere) and values (B,).
+        keep_trunk: also return, per prompt, the output of the frozen blocks (`frozen_blocks`), a list
+        of (length, C) tensors; trunk: that list, given back, so that only the blocks above it run."""
+        n = self.frozen_blocks() if trunk is not None or keep_trunk else 0
         order = lengths.argsort()
-        last = []
+        last, kept = [], [None] * len(lengths)
         for rows in order.split(chunk):
-            h = self.hidden(idx[rows, :int(lengths[rows].max())])  # right padding never reaches real tokens
+            T = int(lengths[rows].max())
+            ids, x = idx[rows, :T], None  # right padding never reaches real tokens
+            if trunk is not None and n:
+                x = torch.zeros(len(rows), T, self.config.n_embd, device=idx.device, dtype=trunk[0].dtype)
+                for k, r in enumerate(rows.tolist()):
+                    x[k, :len(trunk[r])] = trunk[r]
+            elif n:
+                with torch.no_grad():
+                    x = self.hidden(ids, last=n)  # (b, T, C)
+                for k, r in enumerate(rows.tolist()):
+                    kept[r] = x[k, :int(lengths[r])]
+            h = self.hidden(ids, x=x, first=n if x is not None else 0)
             last.append(h[torch.arange(len(rows), device=idx.device), lengths[rows] - 1])
         last = torch.cat(last)[order.argsort()]  # (B, C), back in the batch's order
         # the "shrunk LM head": only the label rows of the head, not the whole vocabulary
         logits = torch.einsum("bc,bac->ba", last, self.lm_head.weight[label_ids])  # (B, A)
         logits = logits.masked_fill(~action_mask, float("-inf"))
-        return F.log_softmax(logits.float(), dim=-1), self.value_head(last).squeeze(-1).float()
+        out = F.log_softmax(logits.float(), dim=-1), self.value_head(last).squeeze(-1).float()
+        return out + (kept,) if keep_trunk else out
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop=(),

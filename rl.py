@@ -10,6 +10,8 @@ episode the reflection model samples an analysis (one batched KV-cache `generate
 then ONE batched forward of the enumerated prompts gives each action's log-prob (the label tokens,
 log-softmaxed over the admissible labels) and the value. Then GAE, advantage normalisation, and
 `update_epochs` passes of shuffled minibatches of the clipped PPO loss, as in cleanrl's ppo.py.
+With adapters on the top blocks only (`sft.py --lora_layers`), the frozen blocks' output for each
+prompt is kept from the rollout and the update runs only the blocks above it (exact: they never change).
 
 Where this departs from the paper, and why:
 - Episodic rollouts: every iteration starts fresh episodes and plays them out, so no value bootstrap
@@ -148,13 +150,14 @@ def pad_batch(seqs, pad_id, dev):
     return idx.to(dev), torch.tensor([len(s) for s in seqs], device=dev)
 
 
-def score(model, prompts, n_actions, label_ids, pad_id, dev):
-    """Single-prompt action enumeration for a batch: log-probs (B, A_max) and values (B,)."""
+def score(model, prompts, n_actions, label_ids, pad_id, dev, **trunk):
+    """Single-prompt action enumeration for a batch: log-probs (B, A_max) and values (B,) (and with
+    keep_trunk=True the frozen blocks' output per prompt, which trunk=... gives back in the update)."""
     A = max(n_actions)
     idx, lengths = pad_batch(prompts, pad_id, dev)
     labels = torch.tensor([ids + [ids[0]] * (A - len(ids)) for ids in label_ids], device=dev)  # (B, A)
     amask = torch.arange(A, device=dev)[None] < torch.tensor(n_actions, device=dev)[:, None]
-    return model.score_actions(idx, lengths, labels, amask)
+    return model.score_actions(idx, lengths, labels, amask, **trunk)
 
 
 def entropy_of(logp):
@@ -170,7 +173,7 @@ def rollout(envs, tasks, policy, tok, refl, rtok, gen):
     for e, task in zip(envs, tasks):
         e.reset(task, seed=random.randrange(2**31))
     live = list(range(len(envs)))
-    steps = [[] for _ in envs]  # per env: (prompt ids, label ids, action, logp, value, reward, done)
+    steps = [[] for _ in envs]  # per env: (prompt ids, label ids, action, logp, value, reward, done, trunk)
     stats = [dict(ret=0.0, success=False, dangerous=False, steps=0) for _ in envs]
     while live:
         reflections = [None] * len(live)
@@ -187,13 +190,13 @@ def rollout(envs, tasks, policy, tok, refl, rtok, gen):
             prompts.append(tok.encode(policy_prompt(envs[i].observation, acts, r, labels), add_special_tokens=False).ids[-block:])
             label_ids.append([LABEL_ID[l] for l in labels])
             n_actions.append(len(acts))
-        logp, value = score(policy, prompts, n_actions, label_ids, eos, dev)
+        logp, value, trunk = score(policy, prompts, n_actions, label_ids, eos, dev, keep_trunk=True)
         actions = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1).tolist()
         still = []
         for k, i in enumerate(live):
             reward, done, info = envs[i].step(actions[k])
             steps[i].append((prompts[k], label_ids[k], actions[k], logp[k, actions[k]].item(), value[k].item(),
-                             reward * envs[i].reward_scale, float(done)))  # PPO sees rewards of order 1
+                             reward * envs[i].reward_scale, float(done), trunk[k]))  # PPO sees rewards of order 1
             s = stats[i]
             s["ret"] += reward
             s["steps"] += 1
@@ -235,8 +238,9 @@ def update(policy, ref, optimizer, flat, advantages, returns, pad_id):
     updates = 0
     for mb in minibatches:
         batch = [flat[i] for i in mb]
+        trunk = [s[7] for s in batch]  # the frozen blocks' output from the rollout: only the top blocks run
         logp_all, value = score(policy, [s[0] for s in batch], [len(s[1]) for s in batch],
-                                [s[1] for s in batch], pad_id, dev)
+                                [s[1] for s in batch], pad_id, dev, trunk=trunk)
         logp = logp_all.gather(1, actions[mb, None]).squeeze(1)
         adv = advantages[mb]
         adv = (adv - adv.mean()) / (adv.std() + 1e-8) if len(mb) > 1 else adv  # normalise per minibatch
@@ -244,7 +248,7 @@ def update(policy, ref, optimizer, flat, advantages, returns, pad_id):
         if kl_coef > 0:  # KL(pi || ref) over the admissible actions, exactly (the action set is small)
             with torch.no_grad(), ref() as r:
                 ref_logp, _ = score(r, [s[0] for s in batch], [len(s[1]) for s in batch],
-                                    [s[1] for s in batch], pad_id, dev)
+                                    [s[1] for s in batch], pad_id, dev, trunk=trunk)
             kl = (logp_all.exp() * (logp_all - ref_logp).masked_fill(~torch.isfinite(logp_all), 0.0)).sum(-1)
         loss, diag = ppo_loss(logp, old_logp[mb], adv, value, returns[mb], entropy_of(logp_all),
                               clip_coef, vf_coef, ent_coef, kl, kl_coef)

@@ -137,6 +137,40 @@ def test_score_actions_matches_full_softmax_and_ignores_padding():
     assert torch.isinf(logp[1, 2]) and torch.isfinite(logp[1, :2]).all()
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_frozen_trunk_kept_and_reused(family):
+    """LoRA on the top block of two: the bottom block's output, kept at rollout, gives back the same
+    log-probs, values and LoRA gradients when only the top block runs (as PPO's update does)."""
+    model = small(lora_r=4, lora_layers=1, family=family, **({"n_inner": 64} if family == "llama" else {}))
+    assert model.frozen_blocks() == 1 and small(lora_r=4).frozen_blocks() == 0 == small().frozen_blocks()
+    for m in model.lora_layers():
+        torch.nn.init.normal_(m.lora_B, std=0.1)
+    torch.nn.init.normal_(model.value_head.weight)
+    prompts = [torch.randint(0, 400, (n,)) for n in (7, 12, 4)]
+    idx = torch.zeros(3, 12, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, :len(p)] = p
+    lengths, labels = torch.tensor([7, 12, 4]), torch.tensor([[5, 9, 11]] * 3)
+    amask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]]).bool()
+
+    def grads(**kw):
+        model.zero_grad()
+        logp, value, *kept = model.score_actions(idx, lengths, labels, amask, chunk=2, **kw)
+        (logp[amask].sum() + value.sum()).backward()
+        return logp.detach(), value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, kept
+
+    logp, value, g, _ = grads()
+    _, _, _, (trunk,) = grads(keep_trunk=True)
+    assert [len(t) for t in trunk] == [7, 12, 4] and not any(t.requires_grad for t in trunk)
+    logp2, value2, g2, _ = grads(trunk=trunk)
+    torch.testing.assert_close(logp2, logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(value2, value, atol=1e-5, rtol=1e-5)
+    assert g.keys() == g2.keys() and any("lora_B" in n for n in g)
+    for n in g:
+        torch.testing.assert_close(g2[n], g[n], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(grads(trunk=[t * 2 + torch.randn_like(t) for t in trunk])[0], logp)  # the trunk given is the one used
+
+
 def test_left_padding_does_not_change_a_row():
     model = small()
     a, b = torch.randint(0, 400, (5,)), torch.randint(0, 400, (9,))
