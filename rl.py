@@ -53,7 +53,8 @@ policy_from = ""  # SFT checkpoint dir; "" means {out_dir}/sft_policy (sft_plain
 reflection_from = ""  # frozen reflection model; "" means {out_dir}/sft_reflection
 no_reflection = False  # the SFT+RL baseline: no analysis in the prompt
 negatives = True  # False: start from the positive-only SFT models (the ablation)
-resume = False  # continue this run from its checkpoint
+resume = False  # continue this run from its checkpoint, with the options it was started with except
+               # those given again (env, out_dir, no_reflection, negatives and device always are)
 # curriculum
 curriculum = False  # walk the environment's stages in order; otherwise train on `stage` alone
 stage = ""  # without --curriculum: "" means the env's last (hardest) stage
@@ -89,7 +90,7 @@ config_keys = [k for k, v in globals().items()  # lower-case names only: not the
 
 def parse_args(argv):
     """--key=value overrides of the defaults above, type-checked; --flag alone means True; --help
-    prints the docstring and the config block."""
+    prints the docstring and the config block. The keys given are kept in `given`."""
     for arg in argv:
         if arg in ("-h", "--help"):
             block = open(__file__).read().split("# " + "-" * 77)[1].removeprefix(" config")
@@ -107,6 +108,12 @@ def parse_args(argv):
         except (KeyError, ValueError):
             raise SystemExit(f"error: --{key} wants a {type(old).__name__}, got {val!r}")
         globals()[key] = val
+        given.add(key)
+
+
+given = set()
+# on --resume these come from the command line (they name the run), never from the checkpoint
+NOT_RESUMED = {"env", "out_dir", "no_reflection", "negatives", "resume", "device"}
 
 
 # ----------------------------------------------------------------------------- the algorithm
@@ -285,6 +292,19 @@ if __name__ == "__main__":
     out_dir = out_dir or os.path.join("out", env)
     suffix = ("_plain" if no_reflection else "") + ("" if negatives else "_pos")
     run_dir = os.path.join(out_dir, "rl" + suffix)
+    if resume:  # the run goes on with the options it was started with, except those given again
+        path = os.path.join(run_dir, "ckpt.pt")
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: no checkpoint at {path}: nothing to resume")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+        except Exception as e:
+            raise SystemExit(f"error: cannot load checkpoint {path}: {str(e).splitlines()[0]}")
+        changed = {k: v for k, v in saved.items()
+                   if k in config_keys and k not in given | NOT_RESUMED and v != globals()[k]}
+        globals().update(changed)
+        if changed and int(os.environ.get("RANK", 0)) == 0:
+            print("rl: resumed with the checkpoint's " + ", ".join(f"{k}={v}" for k, v in changed.items()))
     policy_from = policy_from or os.path.join(out_dir, ("sft_plain" if no_reflection else "sft_policy") + ("" if negatives else "_pos"))
     reflection_from = "" if no_reflection else (reflection_from or os.path.join(out_dir, "sft_reflection" + suffix))
     stages = list(ENVS[env].stages) if curriculum else [stage or ENVS[env].stages[-1]]

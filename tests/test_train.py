@@ -156,8 +156,9 @@ def test_resume_is_exact(trained, tmp_path):
     run("rl.py", *args, "--total_iters=3", "--no_reflection")
     whole = log_records(os.path.join(out, "rl_plain", "log.jsonl"))
     run("rl.py", *args, "--total_iters=2", "--no_reflection")
-    run("rl.py", *args, "--total_iters=3", "--no_reflection", "--resume")
-    assert log_records(os.path.join(out, "rl_plain", "log.jsonl")) == whole
+    p = run("rl.py", f"--out_dir={out}", "--total_iters=3", "--no_reflection", "--resume", "--device=cpu")
+    assert log_records(os.path.join(out, "rl_plain", "log.jsonl")) == whole  # the other options: the checkpoint's
+    assert "resumed with the checkpoint's" in p.stdout and "num_envs=3" in p.stdout, p.stdout
 
 
 def test_sft_resume_continues(trained):
@@ -320,8 +321,9 @@ def test_bad_input(trained, tmp_path):
             assert p.returncode != 0 and "unknown option" in p.stderr and len(p.stderr.strip().splitlines()) == 1
         p = run(script, "--env=chess", ok=False)
         assert p.returncode != 0 and "chess" in p.stderr.strip().splitlines()[-1]
-    p = run("rl.py", f"--out_dir={tmp_path}", ok=False)
-    assert p.returncode != 0 and p.stderr.startswith("error: no checkpoint")
+    for resume in ((), ("--resume",)):
+        p = run("rl.py", f"--out_dir={tmp_path}", *resume, ok=False)
+        assert p.returncode != 0 and p.stderr.startswith("error: no checkpoint")
     bad = tmp_path / "bad"
     bad.mkdir()
     for name in os.listdir(data):
