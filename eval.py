@@ -142,7 +142,8 @@ def load_agent(name, policy_dir, reflection_dir, cache):
         return {"name": name, "kind": "follow", "reflection": reflection}
     policy, tok = load(policy_dir)
     labels = torch.tensor(label_token_ids(tok, LABELS), device=dev)  # start-up check: labels are one token
-    return {"name": name, "kind": "model", "policy": (policy, tok, labels), "reflection": reflection}
+    share = bool(reflection) and policy.shares_trunk(reflection[0])  # two adapters on one base
+    return {"name": name, "kind": "model", "policy": (policy, tok, labels), "reflection": reflection, "share": share}
 
 
 INSTRUCTION = ("You are an agent in a text environment. Read the observation and the actions, each with its "
@@ -163,14 +164,17 @@ def load_untuned(name):
     return {"name": "Untuned", "kind": "model", "policy": (model, tok, labels), "reflection": None, "wrap": wrap}
 
 
-def reflect(reflection, texts, g):
-    """Sampled analyses of prompts that end with the Analyze header, in one batched KV-cache call."""
+def reflect(reflection, texts, g, keep=0):
+    """Sampled analyses of prompts that end with the Analyze header, in one batched KV-cache call
+    (and with keep > 0 the state of the first `keep` blocks, for the policy's extend_trunk)."""
     model, tok = reflection
     room = model.config.block_size - reflection_max_tokens  # the new tokens need positions too
     prompts = [tok.encode(t, add_special_tokens=False).ids[-room:] for t in texts]
     outs = model.generate(prompts, reflection_max_tokens, temperature=reflection_temperature,
-                          stop=[tok.token_to_id(EOS)], generator=g)
-    return [tok.decode(ids).strip() for ids in outs]
+                          stop=[tok.token_to_id(EOS)], generator=g, keep=keep)
+    outs, kept = outs if keep else (outs, None)
+    texts = [tok.decode(ids).strip() for ids in outs]
+    return (texts, kept) if keep else texts
 
 
 @torch.no_grad()
@@ -184,7 +188,11 @@ def act(agent, batch, g):
         return [e.oracle() for e in batch], reflections
     if agent["kind"] == "scripted":
         return [e.scripted() for e in batch], reflections
-    if agent["reflection"]:
+    kept = None
+    if agent["reflection"] and agent.get("share"):  # the policy's frozen blocks go on from the reflection's state
+        reflections, kept = reflect(agent["reflection"], [analyze_prompt(e.observation) for e in batch], g,
+                                    agent["policy"][0].frozen_blocks())
+    elif agent["reflection"]:
         # an empty analysis stays a string: the prompt keeps the Analyze header the policy trained with
         reflections = reflect(agent["reflection"], [analyze_prompt(e.observation) for e in batch], g)
     if agent["kind"] == "follow":
@@ -202,7 +210,8 @@ def act(agent, batch, g):
     lengths = torch.tensor([len(p) for p in prompts], device=dev)  # (B,)
     label_ids = labels[:A].expand(B, A)  # (B, A): action j has label LABELS[j] in every prompt
     action_mask = torch.arange(A, device=dev) < torch.tensor([len(e.actions) for e in batch], device=dev)[:, None]
-    logp, _ = model.score_actions(idx.to(dev), lengths, label_ids, action_mask)  # (B, A), -inf where masked
+    trunk = model.extend_trunk(prompts, kept) if kept else None
+    logp, _ = model.score_actions(idx.to(dev), lengths, label_ids, action_mask, trunk=trunk)  # (B, A), -inf where masked
     choice = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1, generator=g).squeeze(-1)
     return choice.tolist(), reflections
 

@@ -281,6 +281,44 @@ class GPT(nn.Module):
         c = self.config
         return c.n_layer - c.lora_layers if c.lora_r > 0 and 0 < c.lora_layers < c.n_layer else 0
 
+    def shares_trunk(self, other):
+        """True when other's embeddings and first frozen_blocks() blocks equal ours (two adapters on
+        one base): then other's `generate(keep=...)` state of a prompt can start our `extend_trunk`."""
+        n = self.frozen_blocks()
+        if n == 0 or other.frozen_blocks() < n or other.config.family != self.config.family:
+            return False
+        blocks = "transformer.h." if self.config.family == "gpt2" else "model.layers."
+        mine, theirs = self.state_dict(), other.state_dict()
+        names = [k for k in mine if k.split(".")[1] in ("wte", "wpe", "embed_tokens")
+                 or (k.startswith(blocks) and int(k.split(".")[2]) < n)]
+        return all(k in theirs and theirs[k].shape == mine[k].shape and torch.equal(theirs[k], mine[k]) for k in names)
+
+    @torch.no_grad()
+    def extend_trunk(self, prompts, kept):
+        """The frozen blocks' output (a (len, C) tensor per prompt, for `score_actions(trunk=...)`) for
+        token-id lists `prompts`, each of which may begin with the tokens of kept[i] = (ids, x, kv)
+        from `generate(keep=frozen_blocks())` of a model that `shares_trunk`: the blocks then run on
+        the rest of the prompt only, attending to the kept keys and values (the same numbers as one pass)."""
+        n, dev = self.frozen_blocks(), self.lm_head.weight.device
+        L = []  # per prompt: how many of its first tokens the kept state covers (the common prefix)
+        for p, (ids, _, _) in zip(prompts, kept):
+            m = min(len(p) - 1, len(ids))  # at least one token left to run
+            L.append(next((j for j in range(m) if p[j] != ids[j]), m))
+        B, P = len(prompts), max(L)
+        S = max(len(p) - l for p, l in zip(prompts, L))
+        rest = torch.zeros(B, S, dtype=torch.long, device=dev)  # each prompt's remaining tokens, right-padded
+        attn = torch.zeros(B, P + S, dtype=torch.long, device=dev)  # its kept prefix ends at P (left padding)
+        k0 = kept[0][2][0][0]
+        cache = [(k0.new_zeros(B, k0.shape[0], P + S, k0.shape[2]), k0.new_zeros(B, k0.shape[0], P + S, k0.shape[2]))
+                 for _ in range(n)]
+        for i, (p, l) in enumerate(zip(prompts, L)):
+            rest[i, :len(p) - l] = torch.tensor(p[l:], device=dev)
+            attn[i, P - l:P + len(p) - l] = 1
+            for (k, v), (kk, vv) in zip(cache, kept[i][2]):
+                k[i, :, P - l:P], v[i, :, P - l:P] = kk[:, :l], vv[:, :l]
+        x = self.hidden(rest, attn, cache, P, last=n)  # (B, S, C)
+        return [torch.cat([kept[i][1][:l], x[i, :len(p) - l]]) for i, (p, l) in enumerate(zip(prompts, L))]
+
     def new_cache(self, batch_size, length):
         c, w = self.config, self.lm_head.weight
         shape = (batch_size, c.n_kv_head or c.n_head, length, c.n_embd // c.n_head)
@@ -323,10 +361,12 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop=(),
-                 tokenizer=None, generator=None, use_cache=True):
+                 tokenizer=None, generator=None, use_cache=True, keep=0):
         """Sample continuations of a batch of token-id lists of different lengths (left-padded here).
         temperature 0 is greedy. `stop` holds token ids and/or strings (strings need `tokenizer`);
-        a row ends at its first stop, which is not returned. Returns a list of new-token lists."""
+        a row ends at its first stop, which is not returned. Returns a list of new-token lists.
+        keep > 0 (with the cache): also returns, per row, the state of its first `keep` blocks over
+        the prompt and the new tokens that went through the model, for `extend_trunk`."""
         device = self.lm_head.weight.device
         B, T0 = len(prompts), max(len(p) for p in prompts)
         idx = torch.zeros(B, T0, dtype=torch.long, device=device)
@@ -337,9 +377,13 @@ class GPT(nn.Module):
         stop_strs = [s for s in stop if isinstance(s, str)]
         out, done = [[] for _ in range(B)], [False] * B
         cache = self.new_cache(B, T0 + max_new_tokens) if use_cache else None
-        step_in, start = idx, 0
+        step_in, start, xs = idx, 0, []
         for _ in range(max_new_tokens):
-            if use_cache:
+            if use_cache and keep:
+                xs.append(self.hidden(step_in, attn, cache, start, last=keep))  # (B, T, C) after block keep
+                h = self.hidden(step_in, attn, cache, start, x=xs[-1], first=keep)
+                start += step_in.shape[1]
+            elif use_cache:
                 h = self.hidden(step_in, attn, cache, start)
                 start += step_in.shape[1]
             else:
@@ -365,7 +409,16 @@ class GPT(nn.Module):
             step_in = nxt[:, None]
             idx = torch.cat([idx, step_in], dim=1)
             attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
-        return out
+        if not (use_cache and keep):
+            return out
+        x = torch.cat(xs, dim=1)  # (B, start, C): the positions that went through the model
+        kept = []
+        for i, p in enumerate(prompts):  # row i: its prompt sits at T0 - len(p), its new tokens after
+            lo = T0 - len(p)
+            hi = min(T0 + len(out[i]), start)  # not the stop token, nor a last token never fed
+            kv = [(k[i, :, lo:hi], v[i, :, lo:hi]) for k, v in cache[:keep]]
+            kept.append(((list(p) + out[i])[:hi - lo], x[i, lo:hi], kv))
+        return out, kept
 
     @staticmethod
     def _sample(logits, temperature, top_k, top_p, generator):

@@ -11,7 +11,9 @@ then ONE batched forward of the enumerated prompts gives each action's log-prob 
 log-softmaxed over the admissible labels) and the value. Then GAE, advantage normalisation, and
 `update_epochs` passes of shuffled minibatches of the clipped PPO loss, as in cleanrl's ppo.py.
 With adapters on the top blocks only (`sft.py --lora_layers`), the frozen blocks' output for each
-prompt is kept from the rollout and the update runs only the blocks above it (exact: they never change).
+prompt is kept from the rollout and the update runs only the blocks above it (exact: they never change);
+and where the reflection model is another adapter on the same base, the policy's frozen blocks go on
+from its state over the observation and the analysis, so that they run on the menu alone.
 
 Where this departs from the paper, and why:
 - Episodic rollouts: every iteration starts fresh episodes and plays them out, so no value bootstrap
@@ -188,7 +190,9 @@ def rollout(envs, tasks, policy, tok, refl, rtok, gen):
             ids = [rtok.encode(analyze_prompt(envs[i].observation), add_special_tokens=False).ids for i in live]
             ids = [p[-(refl.config.block_size - reflection_max_tokens):] for p in ids]
             out = refl.generate(ids, reflection_max_tokens, temperature=reflection_temperature,
-                                stop=[rtok.token_to_id(EOS)], generator=gen)
+                                stop=[rtok.token_to_id(EOS)], generator=gen,
+                                keep=policy.frozen_blocks() if trunk_shared else 0)
+            out, kept = out if trunk_shared else (out, None)
             reflections = [rtok.decode(o).strip() for o in out]
         prompts, label_ids, n_actions = [], [], []
         for i, r in zip(live, reflections):
@@ -197,7 +201,11 @@ def rollout(envs, tasks, policy, tok, refl, rtok, gen):
             prompts.append(tok.encode(policy_prompt(envs[i].observation, acts, r, labels), add_special_tokens=False).ids[-block:])
             label_ids.append([LABEL_ID[l] for l in labels])
             n_actions.append(len(acts))
-        logp, value, trunk = score(policy, prompts, n_actions, label_ids, eos, dev, keep_trunk=True)
+        if trunk_shared:  # the frozen blocks go on from the reflection model's state
+            trunk = policy.extend_trunk(prompts, kept)
+            logp, value = score(policy, prompts, n_actions, label_ids, eos, dev, trunk=trunk)
+        else:
+            logp, value, trunk = score(policy, prompts, n_actions, label_ids, eos, dev, keep_trunk=True)
         actions = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1).tolist()
         still = []
         for k, i in enumerate(live):
@@ -340,6 +348,7 @@ if __name__ == "__main__":
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     init_from = ckpt["init_from"]
+    trunk_shared = refl is not None and policy.shares_trunk(refl)  # two adapters on one base: one trunk pass per state
     policy.eval()
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, eps=1e-5, weight_decay=0.0)

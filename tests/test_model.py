@@ -171,6 +171,42 @@ def test_frozen_trunk_kept_and_reused(family):
     assert not torch.allclose(grads(trunk=[t * 2 + torch.randn_like(t) for t in trunk])[0], logp)  # the trunk given is the one used
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_reflection_state_extends_to_the_policy_trunk(family):
+    """Two adapters on one base: the reflection model's state over its prompt and analysis, from
+    generate(keep=...), starts the policy's frozen blocks, which then run on the rest of each prompt
+    only; the result equals the policy's own pass, also where a prompt leaves the kept tokens early."""
+    extra = {"n_inner": 64} if family == "llama" else {}
+    policy, refl = (small(lora_r=4, lora_layers=1, family=family, **extra) for _ in range(2))
+    for m in refl.lora_layers():
+        torch.nn.init.normal_(m.lora_B, std=0.1)
+    assert policy.shares_trunk(refl) and refl.shares_trunk(policy)
+    other = small(lora_r=4, lora_layers=1, family=family, **extra)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)  # the embedding: another base
+    assert not policy.shares_trunk(other) and not small(lora_r=4, family=family, **extra).shares_trunk(refl)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 400, (n,)).tolist() for n in (7, 12, 4)]
+    out, kept = refl.generate(prompts, 6, temperature=1.0, stop=[3], generator=g, keep=policy.frozen_blocks())
+    assert out == refl.generate(prompts, 6, temperature=1.0, stop=[3], generator=torch.Generator().manual_seed(0))
+    full = [p + o + torch.randint(0, 400, (5,)).tolist() for p, o in zip(prompts, out)]  # the menu after the analysis
+    full[1][3] = (full[1][3] + 1) % 400  # this prompt leaves the kept tokens at its 4th token
+    trunk = policy.extend_trunk(full, kept)
+    idx = torch.zeros(3, max(map(len, full)), dtype=torch.long)
+    for i, p in enumerate(full):
+        idx[i, :len(p)] = torch.tensor(p)
+    lengths, labels, amask = torch.tensor(list(map(len, full))), torch.tensor([[5, 9]] * 3), torch.ones(3, 2).bool()
+    with torch.no_grad():
+        logp, value, own = policy.score_actions(idx, lengths, labels, amask, keep_trunk=True)
+        logp2, value2 = policy.score_actions(idx, lengths, labels, amask, trunk=trunk)
+    for a, b in zip(trunk, own):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logp2, logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(value2, value, atol=1e-5, rtol=1e-5)
+    moved = policy.extend_trunk(full, [(i, x + 1, [(k + 1, v) for k, v in kv]) for i, x, kv in kept])
+    assert all(not torch.allclose(a[-1], b[-1]) for a, b in zip(moved, trunk))  # the kept state is what was used
+
+
 def test_left_padding_does_not_change_a_row():
     model = small()
     a, b = torch.randint(0, 400, (5,)), torch.randint(0, 400, (9,))
