@@ -195,7 +195,7 @@ def test_check_counts_agreement(tiny, tmp_path, monkeypatch):
         def eval(self):
             return self
 
-        def generate(self, prompts, max_new, temperature, stop, generator):
+        def generate(self, prompts, max_new, temperature, stop, generator, keep=0):
             return [tok.encode(" It is clear. Next: move north.", add_special_tokens=False).ids for _ in prompts]
 
     class FirstLine(AlwaysNorth):
@@ -247,7 +247,7 @@ def test_reflection_alone_takes_the_named_action(tiny, monkeypatch):
         def eval(self):
             return self
 
-        def generate(self, prompts, max_new, temperature, stop, generator):
+        def generate(self, prompts, max_new, temperature, stop, generator, keep=0):
             return [tok.encode(" " + next(said), add_special_tokens=False).ids for _ in prompts]
 
     monkeypatch.setattr(evaluation, "load_checkpoint", lambda d, dev: (Scripted(), tok, None))
