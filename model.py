@@ -350,7 +350,7 @@ class GPT(nn.Module):
                     x = self.hidden(ids, last=n)  # (b, T, C)
                 for k, r in enumerate(rows.tolist()):
                     kept[r] = x[k, :int(lengths[r])]
-            h = self.hidden(ids, x=x, first=n if x is not None else 0)
+            h = self.hidden(ids, x=x, first=n)  # x is set whenever n > 0
             last.append(h[torch.arange(len(rows), device=idx.device), lengths[rows] - 1])
         last = torch.cat(last)[order.argsort()]  # (B, C), back in the batch's order
         # the "shrunk LM head": only the label rows of the head, not the whole vocabulary
@@ -379,12 +379,10 @@ class GPT(nn.Module):
         cache = self.new_cache(B, T0 + max_new_tokens) if use_cache else None
         step_in, start, xs = idx, 0, []
         for _ in range(max_new_tokens):
-            if use_cache and keep:
-                xs.append(self.hidden(step_in, attn, cache, start, last=keep))  # (B, T, C) after block keep
-                h = self.hidden(step_in, attn, cache, start, x=xs[-1], first=keep)
-                start += step_in.shape[1]
-            elif use_cache:
-                h = self.hidden(step_in, attn, cache, start)
+            if use_cache:
+                if keep:
+                    xs.append(self.hidden(step_in, attn, cache, start, last=keep))  # (B, T, C) after block keep
+                h = self.hidden(step_in, attn, cache, start, x=xs[-1] if keep else None, first=keep)
                 start += step_in.shape[1]
             else:
                 h = self.hidden(idx, attn)
