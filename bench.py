@@ -2,10 +2,12 @@
 Speed of model.py against transformers with identical weights (GPT2LMHeadModel for GPT-2, LlamaForCausalLM
 for the Llama family), in one run: forward tokens/s (no grad) and KV-cache sampling tokens/s (ours vs
 `generate`); action scoring decisions/s, our one-pass `score_actions` against one forward pass per
-action (the GLAM/TWOSOME way); and a ceiling: the torch.matmul FLOP/s of the model's largest
-projection, (batch_size * seq_len, n_embd) x (n_embd, hidden), hidden being GPT-2's mlp.c_fc width
-(4 * n_embd) or Llama's mlp.gate_proj/up_proj width (n_inner). The LM head's vocabulary matrix is
-larger but is not what scoring runs; the forward benchmark's FLOPs do count it (see `flops`).
+action (the GLAM/TWOSOME way); the agent's step and the PPO update with LoRA on the top blocks only,
+with and without the frozen trunk shared and kept (see `trunk`); and a ceiling: the torch.matmul
+FLOP/s of the model's largest projection, (batch_size * seq_len, n_embd) x (n_embd, hidden), hidden
+being GPT-2's mlp.c_fc width (4 * n_embd) or Llama's mlp.gate_proj/up_proj width (n_inner). The LM
+head's vocabulary matrix is larger but is not what scoring runs; the forward benchmark's FLOPs do
+count it (see `flops`).
 
     python bench.py                      # scratch, GPT-2 124M and SmolLM2-135M's shape, on CPU
     python bench.py --configs=xl --device=cuda --dtype=bfloat16
@@ -27,6 +29,8 @@ prompt_len = 64  # sampling benchmark: prompt length and new tokens
 new_tokens = 64
 n_actions = 6  # scoring benchmark: actions per decision (taxi's 6)
 action_tokens = 4  # tokens of each action's text in the one-forward-per-action way
+lora_layers = 8  # trunk benchmark: LoRA r=16 on the top this many blocks (at most half the stack)
+menu_tokens = 96  # trunk benchmark: tokens of the menu after the prompt and the sampled analysis
 reps = 3  # timed repetitions (best is reported), after one warm-up
 
 CONFIGS = {  # random weights of each shape
@@ -44,7 +48,7 @@ for arg in sys.argv[1:]:
     key, _, val = arg.removeprefix("--").partition("=")
     if key not in globals() or key.startswith("_") or key in ("CONFIGS", "sys", "time", "torch", "GPT", "GPTConfig"):
         sys.exit(f"error: unknown option {arg} (known: configs, device, dtype, batch_size, seq_len, prompt_len, "
-                 "new_tokens, n_actions, action_tokens, reps)")
+                 "new_tokens, n_actions, action_tokens, lora_layers, menu_tokens, reps)")
     globals()[key] = type(globals()[key])(val)
 
 
@@ -88,13 +92,58 @@ def per_action(model, prompts, actions):
     return torch.stack(sums, 1).float().log_softmax(-1)
 
 
+def trunk(cfg):
+    """The agent's step and PPO's update with adapters on the top blocks only. A reflection model and a
+    policy on one random base: the step samples new_tokens of analysis for batch_size prompt_len-token
+    prompts, then scores n_actions on prompt + analysis + menu_tokens, the policy's frozen blocks
+    either over the whole prompt or only over the menu (`generate(keep=...)` + `extend_trunk`). The
+    update is one forward and backward of `score_actions` on those prompts, either from the ids or
+    from the frozen blocks' kept output (`trunk=`). -> (top blocks, step s, shared step s, update s,
+    kept-trunk update s)."""
+    top = min(lora_layers, cfg.n_layer // 2)
+    cfg = GPTConfig(**{**cfg.__dict__, "lora_r": 16, "lora_layers": top})
+    refl = GPT(cfg).to(device, getattr(torch, dtype)).eval()
+    policy = GPT(cfg).to(device, getattr(torch, dtype)).eval()
+    policy.load_state_dict(refl.state_dict())
+    n = policy.frozen_blocks()
+    g = torch.Generator(device=device)
+    p = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len)).tolist()
+    menu = torch.randint(0, cfg.vocab_size, (batch_size, menu_tokens)).tolist()
+    labels = torch.randint(0, cfg.vocab_size, (batch_size, n_actions), device=device)
+    admissible = torch.ones(batch_size, n_actions, dtype=torch.bool, device=device)
+
+    def prompts(out):  # (B, T) ids, (B,) lengths: all the same length (no stop token while sampling)
+        ids = torch.tensor([a + b + c for a, b, c in zip(p, out, menu)], device=device)
+        return ids, torch.full((batch_size,), ids.shape[1], device=device)
+
+    def step(shared):
+        out = refl.generate(p, new_tokens, generator=g, keep=n if shared else 0)
+        with torch.no_grad():
+            if not shared:
+                return policy.score_actions(*prompts(out), labels, admissible)
+            out, kept = out
+            ids, lengths = prompts(out)
+            return policy.score_actions(ids, lengths, labels, admissible, trunk=policy.extend_trunk(ids.tolist(), kept))
+
+    ids, lengths = prompts(refl.generate(p, new_tokens, generator=g))
+    with torch.no_grad():
+        kept = policy.score_actions(ids, lengths, labels, admissible, keep_trunk=True)[2]
+
+    def update(**trunk):
+        logp, value = policy.score_actions(ids, lengths, labels, admissible, **trunk)
+        (logp[:, 0].sum() + value.sum()).backward()
+
+    return (top, best_time(lambda: step(False)), best_time(lambda: step(True)), best_time(update),
+            best_time(lambda: update(trunk=kept)))
+
+
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, device {device}, dtype {dtype}, threads {torch.get_num_threads()}")
     print(f"\nForward: batch {batch_size} x {seq_len} tokens. Sampling: batch {batch_size}, {min(prompt_len, seq_len)}-token "
           f"prompt, {new_tokens} new tokens, KV cache.\n")
     print("| config | params | forward ours tok/s | forward HF tok/s | ratio | sample ours tok/s | HF generate tok/s | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    rows = []  # the second table's, printed after the first
+    rows, trunk_rows = [], []  # the later tables' rows, printed after the first
     for name in configs.split(","):
         if name not in CONFIGS:
             sys.exit(f"error: unknown config {name!r} (known: {', '.join(CONFIGS)})")
@@ -134,6 +183,9 @@ if __name__ == "__main__":
         rows.append(f"| {name} | {a.shape[0]}x{c.n_embd} @ {c.n_embd}x{hidden} | {gflops:,.1f} | {ceiling:,.0f} "
                     f"| {f_ours / ceiling:.2f} | {d_one:,.1f} | {d_each:,.1f} | {d_one / d_each:.1f} |")
         del ours, hf
+        top, t_step, t_shared, t_update, t_kept = trunk(CONFIGS[name])
+        trunk_rows.append(f"| {name} | {top} of {c.n_layer} | {t_step:.2f} | {t_shared:.2f} | {t_step / t_shared:.2f} "
+                          f"| {t_update:.2f} | {t_kept:.2f} | {t_update / t_kept:.2f} |")
 
     print(f"\nCeiling: torch.matmul of the largest projection; forward FLOPs per token as in `flops`. Scoring: batch "
           f"{batch_size} of {seq_len}-token prompts, {n_actions} actions, {action_tokens} tokens each per action.\n")
@@ -141,3 +193,11 @@ if __name__ == "__main__":
           "| one-pass decisions/s | per-action decisions/s | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
+
+    print(f"\nLoRA r=16 on the top blocks only. Step: batch {batch_size}, the reflection samples {new_tokens} tokens "
+          f"after a {prompt_len}-token prompt, the policy scores {n_actions} actions on prompt + analysis + "
+          f"{menu_tokens}-token menu. Update: one forward and backward of that scoring.\n")
+    print("| config | adapted blocks | step s | step, shared trunk s | ratio "
+          "| update s | update, kept trunk s | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(trunk_rows))

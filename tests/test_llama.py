@@ -190,12 +190,15 @@ def test_end_to_end_on_smollm2(tmp_path):
         return p
 
     run("data_gen.py", f"--out_dir={data}", "--episodes=4", "--val_episodes=1")
-    small = ["--init_from=smollm2-135m", "--lora_r=4", "--lora_layers=2", "--batch_size=2", "--eval_interval=2",
+    small = ["--init_from=smollm2-135m", "--lora_layers=2", "--batch_size=2", "--eval_interval=2",
              "--eval_batches=1", "--max_iters=2", "--device=cpu"]
     for role in ("reflection", "policy"):
         run("sft.py", f"--data_dir={data}", f"--out_dir={out}", f"--role={role}", *small)
     ckpt = torch.load(os.path.join(out, "sft_policy", "ckpt.pt"), weights_only=True)
     assert ckpt["adapters_only"] and ckpt["init_from"] == "smollm2-135m"
+    cfg = ckpt["config"]  # the options not given come from sft.PRETRAINED, the ones given stay
+    assert (cfg["lora_r"], cfg["learning_rate"], cfg["warmup_iters"], cfg["lm_loss"]) == (16, 1e-3, 20, 0.0)
+    assert (cfg["lora_layers"], cfg["batch_size"]) == (2, 2)
     assert sum(v.numel() for v in ckpt["model"].values()) < 1e6  # the 135M base is never copied
     run("rl.py", f"--out_dir={out}", "--num_envs=2", "--minibatch_size=4", "--reflection_max_tokens=8",
         "--total_iters=1", "--stage=pickup", "--horizon=8", "--device=cpu")
