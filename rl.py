@@ -401,7 +401,7 @@ if __name__ == "__main__":
             tqdm.write(f"iter {it + 1} [{rec['stage']}]: success {success:.2f}, return {rec['ret']:.2f}, "
                        f"dangerous {rec['dangerous']:.2f}, kl {diag['approx_kl']:.4f}, clipfrac {diag['clipfrac']:.2f}, "
                        f"entropy {diag['entropy']:.3f}, expl var {diag['explained_var']:.2f}, "
-                       f"{rec['steps_per_s']:.0f} env steps/s")
+                       f"{rec['steps_per_s']:.1f} env steps/s")
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         done_here = it + 1 - stage_start
