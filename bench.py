@@ -123,7 +123,8 @@ def trunk(cfg):
                 return policy.score_actions(*prompts(out), labels, admissible)
             out, kept = out
             ids, lengths = prompts(out)
-            return policy.score_actions(ids, lengths, labels, admissible, trunk=policy.extend_trunk(ids.tolist(), kept))
+            trunk = policy.extend_trunk(ids.tolist(), kept)  # the policy's frozen blocks over the menu only
+            return policy.score_actions(ids, lengths, labels, admissible, trunk=trunk)
 
     ids, lengths = prompts(refl.generate(p, new_tokens, generator=g))
     with torch.no_grad():
@@ -184,8 +185,8 @@ if __name__ == "__main__":
                     f"| {f_ours / ceiling:.2f} | {d_one:,.1f} | {d_each:,.1f} | {d_one / d_each:.1f} |")
         del ours, hf
         top, t_step, t_shared, t_update, t_kept = trunk(CONFIGS[name])
-        trunk_rows.append(f"| {name} | {top} of {c.n_layer} | {t_step:.2f} | {t_shared:.2f} | {t_step / t_shared:.2f} "
-                          f"| {t_update:.2f} | {t_kept:.2f} | {t_update / t_kept:.2f} |")
+        trunk_rows.append(f"| {name} | {top} of {c.n_layer} | {t_step:.2f} | {t_shared:.2f} "
+                          f"| {t_step / t_shared:.2f} | {t_update:.2f} | {t_kept:.2f} | {t_update / t_kept:.2f} |")
 
     print(f"\nCeiling: torch.matmul of the largest projection; forward FLOPs per token as in `flops`. Scoring: batch "
           f"{batch_size} of {seq_len}-token prompts, {n_actions} actions, {action_tokens} tokens each per action.\n")
