@@ -356,8 +356,8 @@ def test_end_to_end_and_teacher_data(games, tmp_path):
             assert r["completion"] == envs.LABELS[env.oracle()]
     tiny = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--vocab_size=600", "--batch_size=8", "--eval_interval=2",
             "--eval_batches=1", "--device=cpu", "--max_iters=2"]
-    run("sft.py", "--env=household", f"--data_dir={data}", f"--out_dir={out}", "--rename=1", *tiny)
-    for model in ("sft_reflection", "sft_policy", "sft_plain"):  # the household default adds the LM loss
+    run("sft.py", "--env=household", f"--data_dir={data}", f"--out_dir={out}", "--init_from=scratch", "--rename=1", *tiny)
+    for model in ("sft_reflection", "sft_policy", "sft_plain"):  # from scratch the household default adds the LM loss
         config = json.loads(open(os.path.join(out, model, "log.jsonl")).readline())["config"]
         assert config["lm_loss"] == 1.0 and config["rename"] == 1
     run("rl.py", *env_args, f"--out_dir={out}", "--num_envs=2", "--minibatch_size=4", "--reflection_max_tokens=8",
