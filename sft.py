@@ -157,15 +157,15 @@ RENAME = {"taxi": 0, "autoexplore": 0, "household": 0}
 # household games only: validation label accuracy 0.59, 0.78, 0.75 after 250, 500, 600 (E13).
 PRETRAINED = {"lora_r": 16, "lora_layers": 8, "batch_size": 8, "learning_rate": 1e-3, "warmup_iters": 20,
               "lm_loss": 0.0}
+PRETRAINED_ITERS = {"taxi": {"reflection": 500, "policy": 200, "plain": 500},
+                    "autoexplore": {"reflection": 300, "policy": 150, "plain": 150},
+                    "household": {"reflection": 800, "policy": 600, "plain": 600}}
 # The household games start from SmolLM2: its SFT agent won 68.9% of the test games after 93 minutes of
 # SFT on two cores (the scratch recipe's 71.1% after 2 to 2.5 hours per policy on one thread), its
 # Reflect-RL 73.3% after 32 minutes of RL (the scratch recipe's 61.7%). On the taxi SmolLM2 did not
 # learn to read the grid (0%, the scratch model 94%); on AutoExplore's default data its SFT agent won
 # 3.1% at depth 1 (random 9.4%), 14.1% on the search teacher's (docs/pretrained.md, E1-E12).
 INIT_FROM = {"taxi": "scratch", "autoexplore": "scratch", "household": "smollm2-135m"}
-PRETRAINED_ITERS = {"taxi": {"reflection": 500, "policy": 200, "plain": 500},
-                    "autoexplore": {"reflection": 300, "policy": 150, "plain": 150},
-                    "household": {"reflection": 800, "policy": 600, "plain": 600}}
 
 
 def parse_args(argv):
